@@ -1,0 +1,1 @@
+"""The long-running imageswarm service: swarm, control plane, REST API and CLI."""

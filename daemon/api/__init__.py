@@ -1,0 +1,1 @@
+"""REST API areas, each one RouteTableDef mounted under /api/v1/."""

@@ -1,0 +1,1 @@
+"""The `imageswarm` command line."""

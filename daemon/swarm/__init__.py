@@ -1,0 +1,1 @@
+"""The libtorrent side: torrent layout, session ownership and the alert pump."""
