@@ -1,0 +1,203 @@
+"""Cutting an image into content-defined chunks, in one read.
+
+Cut points come from three places, in this order of precedence:
+1. the image's file-data extents, when known (a file's chunks then do not depend on where the
+   image builder placed it, so a rebuilt image shares every unchanged file's chunks);
+2. runs of all-zero 4 KiB blocks, which become holes (never stored, never transferred);
+3. FastCDC 2020 inside what is left (min/avg/max 16/64/256 KiB).
+
+Segments shorter than the minimum chunk are merged into their neighbour so that a tree of tiny
+files does not flood the torrent with tiny pieces. The whole-image SHA-256 is computed on a
+worker thread from the same mapped pages while the main thread cuts and names chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import mmap
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from pyfastcdc import FastCDC
+
+from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
+
+MIN_CHUNK = 16 * 1024
+AVG_CHUNK = 64 * 1024
+ZERO_BLOCK = 4096
+#: Zero runs shorter than this stay inside a data chunk (a hole entry would cost more).
+MIN_HOLE = 16 * 1024
+_HASH_WINDOW = 8 * 1024 * 1024
+_ZEROS = bytes(ZERO_BLOCK)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A byte range [offset, offset + length) of an image."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One cut: a data chunk (`name` set, `data` valid until the next piece) or a hole."""
+
+    offset: int
+    length: int
+    name: str | None
+    data: memoryview | None
+
+
+def segment_bounds(size: int, extents: Sequence[Span] | None) -> list[int]:
+    """Return sorted cut offsets (always starting at 0 and ending at `size`) from `extents`."""
+    cuts = {0, size}
+    for ext in extents or ():
+        for edge in (ext.offset, ext.end):
+            if 0 < edge < size:
+                cuts.add(edge)
+    ordered = sorted(cuts)
+    merged = [0]
+    for edge in ordered[1:]:
+        if edge - merged[-1] < MIN_CHUNK and edge != size:
+            continue
+        merged.append(edge)
+    if len(merged) > 2 and merged[-1] - merged[-2] < MIN_CHUNK:
+        del merged[-2]
+    return merged
+
+
+def _zero_runs(view: memoryview, base: int) -> Iterator[tuple[int, int, bool]]:
+    """Split `view` (which starts at image offset `base`) into (start, end, is_zero) runs.
+
+    Zero detection works on 4 KiB blocks aligned to the image, and only runs of at least
+    MIN_HOLE bytes count as holes. Offsets returned are relative to `view`.
+    """
+    size = len(view)
+    first = min(size, (-base) % ZERO_BLOCK)
+    runs: list[tuple[int, int, bool]] = []
+    pos = first
+    if first:
+        runs.append((0, first, False))
+    while pos < size:
+        end = min(size, pos + ZERO_BLOCK)
+        zero = end - pos == ZERO_BLOCK and view[pos:end].tobytes() == _ZEROS
+        if runs and runs[-1][2] == zero:
+            runs[-1] = (runs[-1][0], end, zero)
+        else:
+            runs.append((pos, end, zero))
+        pos = end
+    # Short zero runs stay data; then merge neighbours of the same kind.
+    out: list[tuple[int, int, bool]] = []
+    for start, end, zero in runs:
+        is_hole = zero and end - start >= MIN_HOLE
+        if out and out[-1][2] == is_hole:
+            out[-1] = (out[-1][0], end, is_hole)
+        else:
+            out.append((start, end, is_hole))
+    yield from out
+
+
+class ImageReader:
+    """Maps an image file and cuts it into pieces, hashing the whole image alongside."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+        self._map: mmap.mmap | None = None
+        if self.size:
+            self._map = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        self._whole = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-sha256")
+        self._pending: list[Future[None]] = []
+        self._hashed_to = 0
+        self._cdc = FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
+
+    def __enter__(self) -> ImageReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._hasher.shutdown(wait=True)
+        self._pending.clear()
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        os.close(self._fd)
+
+    def _hash_until(self, offset: int) -> None:
+        assert self._map is not None
+        while self._hashed_to < offset:
+            end = min(offset, self._hashed_to + _HASH_WINDOW)
+            self._pending.append(self._hasher.submit(self._update, self._hashed_to, end))
+            self._hashed_to = end
+        self._pending = [f for f in self._pending if not f.done()]
+
+    def _update(self, start: int, end: int) -> None:
+        assert self._map is not None
+        with memoryview(self._map) as view, view[start:end] as part:
+            self._whole.update(part)
+
+    def pieces(self, extents: Sequence[Span] | None = None) -> Iterator[Piece]:
+        """Yield the image's pieces in order; holes are merged. Call once."""
+        if self._map is None:
+            return
+        bounds = segment_bounds(self.size, extents)
+        hole: Span | None = None
+        with memoryview(self._map) as whole_view:
+            for seg_start, seg_end in itertools.pairwise(bounds):
+                self._hash_until(seg_end)
+                segment = whole_view[seg_start:seg_end]
+                for start, end, is_hole in _zero_runs(segment, seg_start):
+                    if is_hole:
+                        if hole is not None and hole.end == seg_start + start:
+                            hole = Span(hole.offset, hole.length + end - start)
+                        else:
+                            hole = Span(seg_start + start, end - start)
+                        continue
+                    if hole is not None:
+                        yield Piece(hole.offset, hole.length, None, None)
+                        hole = None
+                    run = segment[start:end]
+                    for cut in self._cdc.cut_buf(run):
+                        data = run[cut.offset : cut.offset + cut.length]
+                        yield Piece(
+                            seg_start + start + cut.offset,
+                            cut.length,
+                            pieces_root(data).hex(),
+                            data,
+                        )
+                        data.release()
+                    run.release()
+                segment.release()
+        if hole is not None:
+            yield Piece(hole.offset, hole.length, None, None)
+
+    def sha256(self) -> str:
+        """The whole image's hex SHA-256; valid once `pieces()` has been exhausted."""
+        if self._map is not None:
+            self._hash_until(self.size)
+            for fut in self._pending:
+                fut.result()
+            self._pending.clear()
+        return self._whole.hexdigest()

@@ -1,0 +1,83 @@
+"""Cutting images: coverage, holes, extent-aligned cuts and the one-pass whole-image hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
+from imageswarm.agent.chunking import MIN_CHUNK, ImageReader, Piece, Span, segment_bounds
+
+
+def _cut(path: Path, extents: list[Span] | None = None) -> tuple[list[Piece], str]:
+    with ImageReader(path) as reader:
+        pieces = [Piece(p.offset, p.length, p.name, None) for p in reader.pieces(extents)]
+        return pieces, reader.sha256()
+
+
+def _names(pieces: list[Piece]) -> set[str]:
+    return {p.name for p in pieces if p.name}
+
+
+def test_pieces_cover_the_image_in_order_and_hash_matches(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    img.write_bytes(os.urandom(3 * 1024 * 1024 + 1234))
+    pieces, sha = _cut(img)
+    assert sha == hashlib.sha256(img.read_bytes()).hexdigest()
+    offset = 0
+    data = img.read_bytes()
+    for piece in pieces:
+        assert piece.offset == offset
+        assert 0 < piece.length <= MAX_CHUNK
+        assert piece.name == pieces_root(data[offset : offset + piece.length]).hex()
+        offset += piece.length
+    assert offset == len(data)
+
+
+def test_zero_runs_become_holes_and_short_zero_runs_do_not(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    with img.open("wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.write(bytes(5 << 20))  # a hole
+        f.write(os.urandom(1 << 20))
+        f.write(bytes(4096))  # too short to be a hole
+        f.write(os.urandom(1 << 20))
+    pieces, _ = _cut(img)
+    holes = [p for p in pieces if p.name is None]
+    assert [(h.offset, h.length) for h in holes] == [(1 << 20, 5 << 20)]
+
+
+def test_empty_image_has_no_pieces(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    img.write_bytes(b"")
+    pieces, sha = _cut(img)
+    assert pieces == []
+    assert sha == hashlib.sha256(b"").hexdigest()
+
+
+def test_extent_cuts_keep_a_files_chunks_wherever_it_lands(tmp_path: Path) -> None:
+    """The same file content at two different offsets yields the same chunk names."""
+    rng = random.Random(7)
+    payload = rng.randbytes(700 * 1024)
+    filler_a = rng.randbytes(300 * 1024 + 4096)
+    filler_b = rng.randbytes(123 * 1024 + 8192)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(filler_a + payload + filler_a)
+    b.write_bytes(filler_b + payload + filler_b)
+    pa, _ = _cut(a, [Span(len(filler_a), len(payload))])
+    pb, _ = _cut(b, [Span(len(filler_b), len(payload))])
+    in_a = {p.name for p in pa if len(filler_a) <= p.offset < len(filler_a) + len(payload)}
+    in_b = {p.name for p in pb if len(filler_b) <= p.offset < len(filler_b) + len(payload)}
+    assert in_a == in_b
+    assert sum(p.length for p in pa if p.name in in_a) >= len(payload)
+
+
+def test_segment_bounds_merge_tiny_segments() -> None:
+    size = 1 << 20
+    bounds = segment_bounds(size, [Span(100_000, 1000), Span(500_000, 100_000)])
+    assert bounds[0] == 0 and bounds[-1] == size
+    assert all(b - a >= MIN_CHUNK for a, b in zip(bounds, bounds[1:], strict=False))
+    assert 500_000 in bounds and 600_000 in bounds
+    assert segment_bounds(size, None) == [0, size]
