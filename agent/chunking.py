@@ -29,6 +29,7 @@ from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
 
 MIN_CHUNK = 16 * 1024
 AVG_CHUNK = 64 * 1024
+META_MIN, META_AVG, META_MAX = 4 * 1024, 8 * 1024, 64 * 1024
 ZERO_BLOCK = 4096
 #: Zero runs shorter than this stay inside a data chunk (a hole entry would cost more).
 MIN_HOLE = 16 * 1024
@@ -58,22 +59,31 @@ class Piece:
     data: memoryview | None
 
 
-def segment_bounds(size: int, extents: Sequence[Span] | None) -> list[int]:
-    """Return sorted cut offsets (always starting at 0 and ending at `size`) from `extents`."""
-    cuts = {0, size}
+def segments(size: int, extents: Sequence[Span] | None) -> list[tuple[int, int, bool]]:
+    """Split [0, size) at every extent edge into (start, end, is_file_data) segments.
+
+    File data shorter than MIN_CHUNK is merged with adjacent file data (so a tree of tiny
+    files does not become a torrent of tiny pieces). Metadata is never merged into file data:
+    it changes on every build (timestamps, checksums seeded by the filesystem UUID), and a
+    metadata block glued to a file would make that file's chunk change with it.
+    """
+    edges: dict[int, bool] = {0: False}
     for ext in extents or ():
-        for edge in (ext.offset, ext.end):
-            if 0 < edge < size:
-                cuts.add(edge)
-    ordered = sorted(cuts)
-    merged = [0]
-    for edge in ordered[1:]:
-        if edge - merged[-1] < MIN_CHUNK and edge != size:
+        if ext.offset < size:
+            edges[ext.offset] = True
+        if 0 < ext.end < size:
+            edges.setdefault(ext.end, False)
+    ordered = sorted(edges.items())
+    out: list[tuple[int, int, bool]] = []
+    for (start, is_file), (end, _) in itertools.pairwise([*ordered, (size, False)]):
+        if end <= start:
             continue
-        merged.append(edge)
-    if len(merged) > 2 and merged[-1] - merged[-2] < MIN_CHUNK:
-        del merged[-2]
-    return merged
+        short = end - start < MIN_CHUNK or (out and out[-1][1] - out[-1][0] < MIN_CHUNK)
+        if out and short and (is_file == out[-1][2] or extents is None):
+            out[-1] = (out[-1][0], end, is_file)
+        else:
+            out.append((start, end, is_file))
+    return out
 
 
 def _zero_runs(view: memoryview, base: int) -> Iterator[tuple[int, int, bool]]:
@@ -123,6 +133,9 @@ class ImageReader:
         self._pending: list[Future[None]] = []
         self._hashed_to = 0
         self._cdc = FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
+        # Filesystem metadata between files changes in scattered small places on every build
+        # (timestamps, checksums seeded by the fs UUID): smaller chunks there move fewer bytes.
+        self._cdc_meta = FastCDC(META_AVG, min_size=META_MIN, max_size=META_MAX)
 
     def __enter__(self) -> ImageReader:
         return self
@@ -162,10 +175,10 @@ class ImageReader:
         """Yield the image's pieces in order; holes are merged. Call once."""
         if self._map is None:
             return
-        bounds = segment_bounds(self.size, extents)
         hole: Span | None = None
         with memoryview(self._map) as whole_view:
-            for seg_start, seg_end in itertools.pairwise(bounds):
+            for seg_start, seg_end, is_file in segments(self.size, extents):
+                cdc = self._cdc if is_file or extents is None else self._cdc_meta
                 self._hash_until(seg_end)
                 segment = whole_view[seg_start:seg_end]
                 for start, end, is_hole in _zero_runs(segment, seg_start):
@@ -179,7 +192,7 @@ class ImageReader:
                         yield Piece(hole.offset, hole.length, None, None)
                         hole = None
                     run = segment[start:end]
-                    for cut in self._cdc.cut_buf(run):
+                    for cut in cdc.cut_buf(run):
                         data = run[cut.offset : cut.offset + cut.length]
                         yield Piece(
                             seg_start + start + cut.offset,

@@ -20,6 +20,7 @@ import libtorrent as lt
 from aiohttp import web
 
 PeerKey = tuple[str, int]
+Response = dict[str, int | bytes | str]
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Tracker:
             return False
         return any(addr in net for net in self.networks)
 
-    def announce(self, query: str, remote: str) -> dict[str, object]:
+    def announce(self, query: str, remote: str) -> Response:
         """Answer one announce; returns the bencodable response dictionary."""
         params = parse_qs(query, encoding="latin-1", keep_blank_values=True)
 
@@ -113,4 +114,5 @@ class Tracker:
 
     async def handle(self, request: web.Request) -> web.Response:
         response = self.announce(request.rel_url.raw_query_string, request.remote or "")
-        return web.Response(body=lt.bencode(response), content_type="text/plain")
+        entry: dict[str, lt._Entry] = dict(response)
+        return web.Response(body=lt.bencode(entry), content_type="text/plain")

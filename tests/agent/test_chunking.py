@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
-from imageswarm.agent.chunking import MIN_CHUNK, ImageReader, Piece, Span, segment_bounds
+from imageswarm.agent.chunking import MIN_CHUNK, ImageReader, Piece, Span, segments
 
 
 def _cut(path: Path, extents: list[Span] | None = None) -> tuple[list[Piece], str]:
@@ -74,10 +74,18 @@ def test_extent_cuts_keep_a_files_chunks_wherever_it_lands(tmp_path: Path) -> No
     assert sum(p.length for p in pa if p.name in in_a) >= len(payload)
 
 
-def test_segment_bounds_merge_tiny_segments() -> None:
+def test_segments_merge_tiny_files_but_never_glue_metadata_to_files() -> None:
     size = 1 << 20
-    bounds = segment_bounds(size, [Span(100_000, 1000), Span(500_000, 100_000)])
-    assert bounds[0] == 0 and bounds[-1] == size
-    assert all(b - a >= MIN_CHUNK for a, b in zip(bounds, bounds[1:], strict=False))
-    assert 500_000 in bounds and 600_000 in bounds
-    assert segment_bounds(size, None) == [0, size]
+    files = [Span(100_000, 1000), Span(101_000, 2000), Span(500_000, 100_000)]
+    segs = segments(size, files)
+    assert segs[0] == (0, 100_000, False)
+    assert (100_000, 103_000, True) in segs  # two tiny adjacent files merged with each other
+    assert (103_000, 500_000, False) in segs
+    assert (500_000, 600_000, True) in segs
+    assert segs[-1] == (600_000, size, False)
+    # a 2 KiB metadata gap between two files stays its own segment
+    gap = segments(size, [Span(0, 50_000), Span(52_048, 50_000)])
+    assert (50_000, 52_048, False) in gap
+    assert segments(size, None) == [(0, size, False)]
+    assert all(b[0] == a[1] for a, b in zip(segs, segs[1:], strict=False))
+    assert MIN_CHUNK == 16 * 1024

@@ -1,0 +1,131 @@
+"""Publishing: image file -> chunks in the store + signed manifest + v2 torrent, in one read.
+
+Used by the controller's REST API and by `imageswarm image publish --store` on build hosts.
+A failed publish removes every chunk it added, so the store is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from imageswarm.agent import imagefile
+from imageswarm.agent.chunking import ImageReader, Span
+from imageswarm.agent.errors import InvalidInputError
+from imageswarm.agent.keys import SigningKey
+from imageswarm.agent.manifest import ChunkEntry, Manifest
+from imageswarm.agent.store import Store
+from imageswarm.daemon.swarm.torrent import TorrentFile, build_torrent, info_hash_v2
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest: Manifest
+    new_chunks: int
+    new_bytes: int
+    existed: bool
+
+
+def image_id_for(sha256: str) -> str:
+    """An image is named by its content: the first 16 hex digits of its SHA-256."""
+    return sha256[:16]
+
+
+def _extents(path: Path, fmt: str) -> list[Span] | None:
+    found = imagefile.tar_member_extents(path) if fmt == "tar" else imagefile.file_extents(path)
+    if found is None:
+        return None
+    return [Span(e.offset, e.length) for e in found]
+
+
+def publish(
+    source: Path,
+    name: str,
+    store: Store,
+    key: SigningKey,
+    *,
+    progress: Progress | None = None,
+) -> PublishResult:
+    """Publish `source` (raw, qcow2 or tar) under `name` into `store`, signed with `key`."""
+    if not name or len(name) > 200 or any(c in name for c in "\n\r\0"):
+        raise InvalidInputError(f"image name {name!r} must be 1-200 printable characters")
+    if not source.is_file():
+        raise InvalidInputError(f"{source} is not a file")
+    source_format = imagefile.detect_format(source)
+    imagefile.check_complete(source, source_format)
+    work: Path | None = None
+    raw = source
+    fmt = source_format
+    if source_format == "qcow2":
+        work = store.tmp_path("convert")
+        imagefile.convert_to_raw(source, work)
+        raw, fmt = work, "raw"
+        imagefile.detect_format(raw)  # a qcow2 holding no filesystem is refused here too
+    writer = store.writer()
+    try:
+        extents = _extents(raw, fmt)
+        kernels = imagefile.kernel_releases(raw, fmt)
+        entries: list[ChunkEntry] = []
+        files: dict[str, TorrentFile] = {}
+        with ImageReader(raw) as reader:
+            for piece in reader.pieces(extents):
+                entries.append(ChunkEntry(piece.name, piece.length))
+                if piece.name is not None and piece.data is not None:
+                    writer.add(piece.name, piece.data)
+                    files.setdefault(
+                        piece.name, TorrentFile(piece.name, piece.length, bytes.fromhex(piece.name))
+                    )
+                if progress is not None:
+                    progress(piece.offset + piece.length, reader.size)
+            sha256 = reader.sha256()
+            size = reader.size
+        image_id = image_id_for(sha256)
+        if store.has_image(image_id):
+            writer.abort()
+            return PublishResult(store.load_manifest(image_id), 0, 0, existed=True)
+        writer.commit()
+        torrent = build_torrent(list(files.values()), comment=f"imageswarm {name}")
+        manifest = Manifest(
+            image_id=image_id,
+            name=name,
+            created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            source_format=source_format,
+            format=fmt,
+            size=size,
+            sha256=sha256,
+            chunks=_merge_holes(entries),
+            kernels=tuple(kernels),
+            info_hash=info_hash_v2(torrent),
+        ).signed(key)
+        store.save_image(manifest, torrent)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if work is not None:
+            work.unlink(missing_ok=True)
+    log.info(
+        "published %s (%s): %d chunks, %d new (%d bytes)",
+        image_id,
+        name,
+        len(files),
+        writer.written,
+        writer.bytes_written,
+    )
+    return PublishResult(manifest, writer.written, writer.bytes_written, existed=False)
+
+
+def _merge_holes(entries: list[ChunkEntry]) -> tuple[ChunkEntry, ...]:
+    out: list[ChunkEntry] = []
+    for entry in entries:
+        if entry.hash is None and out and out[-1].hash is None:
+            out[-1] = ChunkEntry(None, out[-1].length + entry.length)
+        else:
+            out.append(entry)
+    return tuple(out)
