@@ -1,0 +1,153 @@
+"""The torrent layout: our pieces roots and torrents match what libtorrent itself computes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+import pytest
+
+from imageswarm.agent.chunkhash import BLOCK, pieces_root
+from imageswarm.agent.errors import ManifestError
+from imageswarm.daemon.swarm.torrent import (
+    PIECE_LENGTH,
+    TorrentFile,
+    build_torrent,
+    check_torrent,
+    chunk_relpath,
+    info_hash_v2,
+)
+
+SIZES = (1, BLOCK, BLOCK + 1, 100000, PIECE_LENGTH)
+
+
+def write_chunks(store: Path, sizes: tuple[int, ...]) -> list[TorrentFile]:
+    files = []
+    for size in sizes:
+        data = os.urandom(size)
+        digest = hashlib.sha256(data).hexdigest()
+        path = store / chunk_relpath(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files.append(TorrentFile(digest, size, pieces_root(data)))
+    return files
+
+
+def roots_of(info: lt.torrent_info) -> dict[str, bytes]:
+    layout = info.layout()
+    roots = {}
+    for i in range(layout.num_files()):
+        if layout.file_flags(i) & lt.file_storage.flag_pad_file:
+            continue
+        roots[layout.file_path(i)] = layout.root(i).to_bytes()
+    return roots
+
+
+@pytest.fixture
+def chunks(tmp_path: Path) -> list[TorrentFile]:
+    return write_chunks(tmp_path, SIZES)
+
+
+def test_pieces_root_and_torrent_match_libtorrent(
+    tmp_path: Path, chunks: list[TorrentFile]
+) -> None:
+    entries = [lt.create_file_entry(chunk_relpath(f.hash), f.length) for f in chunks]
+    creator = lt.create_torrent(entries, PIECE_LENGTH, lt.create_torrent.v2_only)
+    lt.set_piece_hashes(creator, str(tmp_path))
+    theirs = roots_of(lt.torrent_info(lt.bencode(creator.generate())))
+    ours = {chunk_relpath(f.hash): f.root for f in chunks}
+    assert theirs == ours
+
+    torrent = build_torrent(chunks)
+    decoded: Any = lt.bdecode(torrent)
+    loaded = lt.torrent_info(decoded)
+    assert roots_of(loaded) == ours
+    assert roots_of(lt.torrent_info(torrent)) == ours
+    assert loaded.name() == "chunks"
+    assert loaded.priv()
+    assert not loaded.info_hashes().has_v1()
+    assert info_hash_v2(torrent) == str(loaded.info_hashes().v2)
+
+
+def test_pieces_root_of_one_block_is_its_hash() -> None:
+    data = b"x" * BLOCK
+    assert pieces_root(data) == hashlib.sha256(data).digest()
+    assert pieces_root(memoryview(data)) == pieces_root(data)
+
+
+@pytest.mark.parametrize("size", [0, PIECE_LENGTH + 1])
+def test_pieces_root_rejects_empty_and_oversized_chunks(size: int) -> None:
+    with pytest.raises(ValueError):
+        pieces_root(bytes(size))
+
+
+def test_chunk_relpath_uses_the_store_layout() -> None:
+    digest = "ab" + "0" * 62
+    assert chunk_relpath(digest) == f"chunks/ab/{digest}"
+    for bad in ("AB" + "0" * 62, "ab", "zz" + "0" * 62, "../" + "0" * 61):
+        with pytest.raises(ValueError):
+            chunk_relpath(bad)
+
+
+def test_build_torrent_is_deterministic_and_checks_its_input(chunks: list[TorrentFile]) -> None:
+    torrent = build_torrent(chunks, comment="test")
+    assert build_torrent(list(reversed(chunks)), comment="test") == torrent
+    check_torrent(torrent, list(reversed(chunks)))
+    with pytest.raises(ValueError):
+        build_torrent([*chunks, chunks[0]])
+    with pytest.raises(ValueError):
+        build_torrent([])
+    with pytest.raises(ValueError):
+        build_torrent([TorrentFile(chunks[0].hash, PIECE_LENGTH + 1, chunks[0].root)])
+
+
+def tampered(torrent: bytes, edit: str) -> bytes:
+    decoded: Any = lt.bdecode(torrent)
+    info = decoded[b"info"]
+    tree = info[b"file tree"]
+    prefix = sorted(tree)[0]
+    leaf = tree[prefix][sorted(tree[prefix])[0]][b""]
+    if edit == "length":
+        leaf[b"length"] += 1
+    elif edit == "root":
+        leaf[b"pieces root"] = bytes(32)
+    elif edit == "public":
+        del info[b"private"]
+    elif edit == "piece length":
+        info[b"piece length"] = PIECE_LENGTH * 2
+    return lt.bencode(decoded)
+
+
+@pytest.mark.parametrize("edit", ["length", "root", "public", "piece length"])
+def test_check_torrent_rejects_a_tampered_torrent(chunks: list[TorrentFile], edit: str) -> None:
+    torrent = tampered(build_torrent(chunks), edit)
+    with pytest.raises(ManifestError):
+        check_torrent(torrent, chunks)
+
+
+def test_check_torrent_rejects_missing_and_extra_files(chunks: list[TorrentFile]) -> None:
+    torrent = build_torrent(chunks[1:])
+    with pytest.raises(ManifestError, match="lacks chunk"):
+        check_torrent(torrent, chunks)
+    with pytest.raises(ManifestError, match="does not list"):
+        check_torrent(build_torrent(chunks), chunks[1:])
+
+
+@pytest.mark.parametrize("garbage", [b"", b"garbage", b"d4:infoi1ee", b"le", b"d4:infod1:ai1eeeXX"])
+def test_check_torrent_rejects_garbage(chunks: list[TorrentFile], garbage: bytes) -> None:
+    with pytest.raises(ManifestError):
+        check_torrent(garbage, chunks)
+    with pytest.raises(ManifestError):
+        info_hash_v2(garbage)
+
+
+def test_check_torrent_rejects_a_hybrid_torrent(tmp_path: Path, chunks: list[TorrentFile]) -> None:
+    entries = [lt.create_file_entry(chunk_relpath(f.hash), f.length) for f in chunks]
+    creator = lt.create_torrent(entries, PIECE_LENGTH)  # v1 + v2
+    creator.set_priv(True)
+    lt.set_piece_hashes(creator, str(tmp_path))
+    with pytest.raises(ManifestError, match="v1"):
+        check_torrent(lt.bencode(creator.generate()), chunks)
