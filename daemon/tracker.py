@@ -39,7 +39,7 @@ class Tracker:
         self.announces = 0
 
     def allow(self, info_hash_v2_hex: str) -> None:
-        """Serve the torrent whose (full) v2 info-hash is given; peers announce its first 20 bytes."""
+        """Serve the torrent with this (full) v2 info-hash; peers announce its first 20 bytes."""
         self._swarms.setdefault(bytes.fromhex(info_hash_v2_hex)[:20], {})
 
     def forget(self, info_hash_v2_hex: str) -> None:

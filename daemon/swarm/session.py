@@ -91,7 +91,7 @@ class SwarmSettings:
     file_pool_size: int = 4096  # one file per chunk: keep many open
     connections_limit: int = 2000
     active_torrents_limit: int = 10000
-    min_announce_interval: int = 30
+    min_announce_interval: int = 5
     stop_tracker_timeout: int = 1  # bounds close(): the "stopped" announce waits this long
     alert_queue_size: int = 10000
     peer_stats_interval: float = 1.0  # seconds between per-peer byte counter refreshes
@@ -513,11 +513,12 @@ class Download:
         return totals
 
     def bytes_by_ip(self) -> dict[str, int]:
-        """Payload bytes received so far by source IP (peers and web seeds), as sampled."""
+        """Payload bytes received so far from BitTorrent peers, by peer IP (web seeds excluded)."""
         self._refresh_peer_bytes()
         totals: dict[str, int] = {}
-        for (ip, _port, _kind), (earlier, current) in self._peer_bytes.items():
-            totals[ip] = totals.get(ip, 0) + earlier + current
+        for (ip, _port, kind), (earlier, current) in self._peer_bytes.items():
+            if kind == "peer":
+                totals[ip] = totals.get(ip, 0) + earlier + current
         return totals
 
     # Internals, called by the swarm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 from pathlib import Path
@@ -87,5 +88,5 @@ def test_segments_merge_tiny_files_but_never_glue_metadata_to_files() -> None:
     gap = segments(size, [Span(0, 50_000), Span(52_048, 50_000)])
     assert (50_000, 52_048, False) in gap
     assert segments(size, None) == [(0, size, False)]
-    assert all(b[0] == a[1] for a, b in zip(segs, segs[1:], strict=False))
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(segs))
     assert MIN_CHUNK == 16 * 1024

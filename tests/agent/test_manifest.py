@@ -13,7 +13,11 @@ from imageswarm.agent.errors import KeyFileError, ManifestError, SignatureError
 
 
 def _manifest() -> mf.Manifest:
-    chunks = (mf.ChunkEntry("ab" * 32, 1000), mf.ChunkEntry(None, 5000), mf.ChunkEntry("cd" * 32, 24))
+    chunks = (
+        mf.ChunkEntry("ab" * 32, 1000),
+        mf.ChunkEntry(None, 5000),
+        mf.ChunkEntry("cd" * 32, 24),
+    )
     return mf.Manifest(
         image_id="0123456789abcdef",
         name="demo",
@@ -115,4 +119,6 @@ def test_key_files(tmp_path: Path) -> None:
     for bad in ("rsa:abc", "ed25519:!!!", "ed25519:AAAA"):
         with pytest.raises(ValueError):
             keys.PublicKey.parse(bad)
-    assert keys.load_or_create(tmp_path / "new.key").public == keys.load(tmp_path / "new.key").public
+    assert (
+        keys.load_or_create(tmp_path / "new.key").public == keys.load(tmp_path / "new.key").public
+    )

@@ -15,7 +15,9 @@ from imageswarm.agent.errors import ChunkCorruptError, ChunkMissingError, StoreE
 from imageswarm.agent.store import Store
 
 
-def _image(store: Store, key: keys.SigningKey, parts: list[bytes | int], image_id: str) -> mf.Manifest:
+def _image(
+    store: Store, key: keys.SigningKey, parts: list[bytes | int], image_id: str
+) -> mf.Manifest:
     """Store `parts` (bytes = chunk, int = hole of that many zero bytes) as one image."""
     entries = []
     whole = hashlib.sha256()

@@ -30,13 +30,25 @@ def _snapshot(root: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
 
 
-def test_cli_publish_json_and_store_contents(tmp_path: Path, ext4_pair: tuple[Path, Path, Path]) -> None:
+def test_cli_publish_json_and_store_contents(
+    tmp_path: Path, ext4_pair: tuple[Path, Path, Path]
+) -> None:
     v1, _, _ = ext4_pair
     key_out = _cli("key", "generate", str(tmp_path / "build.key"))
     assert key_out.returncode == 0 and key_out.stdout.startswith("ed25519:")
     store_dir = tmp_path / "store"
-    out = _cli("image", "publish", str(v1), "--name", "web", "--store", str(store_dir),
-               "--key", str(tmp_path / "build.key"), "--json")
+    out = _cli(
+        "image",
+        "publish",
+        str(v1),
+        "--name",
+        "web",
+        "--store",
+        str(store_dir),
+        "--key",
+        str(tmp_path / "build.key"),
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {"image_id", "name", "size", "sha256", "chunks", "signature"} <= set(data)
@@ -51,8 +63,17 @@ def test_cli_publish_json_and_store_contents(tmp_path: Path, ext4_pair: tuple[Pa
         [TorrentFile(h, n, bytes.fromhex(h)) for h, n in manifest.unique_chunks().items()],
     )
     assert store.assemble(manifest, tmp_path / "out.img").read_bytes() == v1.read_bytes()
-    again = _cli("image", "publish", str(v1), "--name", "web", "--store", str(store_dir),
-                 "--key", str(tmp_path / "build.key"))
+    again = _cli(
+        "image",
+        "publish",
+        str(v1),
+        "--name",
+        "web",
+        "--store",
+        str(store_dir),
+        "--key",
+        str(tmp_path / "build.key"),
+    )
     assert again.returncode == 0 and "already published" in again.stderr
 
 
@@ -76,8 +97,9 @@ def test_qcow2_and_tar_sources(tmp_path: Path, ext4_pair: tuple[Path, Path, Path
     store = Store.open(tmp_path / "store")
     key = keys.generate(tmp_path / "k")
     qcow = tmp_path / "v1.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(v1), str(qcow)],
-                   check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(v1), str(qcow)], check=True
+    )
     result = publish(qcow, "q", store, key)
     assert result.manifest.source_format == "qcow2" and result.manifest.format == "raw"
     assert store.assemble(result.manifest, tmp_path / "q.img").read_bytes() == v1.read_bytes()
@@ -91,7 +113,9 @@ def test_qcow2_and_tar_sources(tmp_path: Path, ext4_pair: tuple[Path, Path, Path
     assert rebuilt.read_bytes() == tar_path.read_bytes()
 
 
-def test_bad_sources_leave_the_store_unchanged(tmp_path: Path, ext4_pair: tuple[Path, Path, Path]) -> None:
+def test_bad_sources_leave_the_store_unchanged(
+    tmp_path: Path, ext4_pair: tuple[Path, Path, Path]
+) -> None:
     v1, _, _ = ext4_pair
     store = Store.open(tmp_path / "store")
     key = keys.generate(tmp_path / "k")
@@ -111,15 +135,33 @@ def test_bad_sources_leave_the_store_unchanged(tmp_path: Path, ext4_pair: tuple[
 
 def test_cli_publish_errors_are_clear(tmp_path: Path, ext4_pair: tuple[Path, Path, Path]) -> None:
     v1, _, _ = ext4_pair
-    missing_key = _cli("image", "publish", str(v1), "--name", "x", "--store",
-                       str(tmp_path / "s"), "--key", str(tmp_path / "nokey"))
+    missing_key = _cli(
+        "image",
+        "publish",
+        str(v1),
+        "--name",
+        "x",
+        "--store",
+        str(tmp_path / "s"),
+        "--key",
+        str(tmp_path / "nokey"),
+    )
     assert missing_key.returncode == 1
     assert "key generate" in missing_key.stderr
     junk = tmp_path / "junk.img"
     junk.write_bytes(b"\x01" * 100_000)
     _cli("key", "generate", str(tmp_path / "k"))
-    bad = _cli("image", "publish", str(junk), "--name", "x", "--store", str(tmp_path / "s"),
-               "--key", str(tmp_path / "k"))
+    bad = _cli(
+        "image",
+        "publish",
+        str(junk),
+        "--name",
+        "x",
+        "--store",
+        str(tmp_path / "s"),
+        "--key",
+        str(tmp_path / "k"),
+    )
     assert bad.returncode == 1
     assert "not a disk or filesystem image" in bad.stderr
     assert "Traceback" not in bad.stderr

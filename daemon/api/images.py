@@ -1,0 +1,88 @@
+"""Controller image API: publish (upload), list, show, and the signed manifest and torrent."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from aiohttp import web
+
+from imageswarm.agent.manifest import Manifest
+from imageswarm.daemon.appkeys import CATALOG, CONFIG, STORE
+from imageswarm.daemon.errors import BadRequest
+from imageswarm.daemon.problems import require_token
+
+routes = web.RouteTableDef()
+_SPOOL_BLOCK = 1024 * 1024
+
+
+def summary(manifest: Manifest) -> dict[str, Any]:
+    data = manifest.to_json()
+    chunks = data.pop("chunks")
+    data["chunk_count"] = len(chunks)
+    data["unique_chunks"] = len(manifest.unique_chunks())
+    data["stored_bytes"] = manifest.stored_bytes
+    return data
+
+
+def valid_image_id(image_id: str) -> str:
+    if not image_id or len(image_id) > 64 or not all(c.isalnum() or c in "-_." for c in image_id):
+        raise BadRequest(f"{image_id!r} is not an image id")
+    return image_id
+
+
+@routes.get("/api/v1/images")
+async def list_images(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    return web.json_response({"images": [summary(m) for m in catalog.manifests()]})
+
+
+@routes.post("/api/v1/images")
+async def publish_image(request: web.Request) -> web.Response:
+    require_token(request, request.app[CONFIG].api_token)
+    name = request.query.get("name", "").strip()
+    if not name:
+        raise BadRequest("query parameter 'name' is required (the image's name)")
+    store = request.app[STORE]
+    spool = store.tmp_path("upload")
+    try:
+        size = 0
+        with spool.open("wb") as out:
+            async for block in request.content.iter_chunked(_SPOOL_BLOCK):
+                out.write(block)
+                size += len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if size == 0:
+            raise BadRequest("the request body is empty; send the image file as the body")
+        result = await request.app[CATALOG].publish(spool, name)
+    finally:
+        spool.unlink(missing_ok=True)
+    body = {
+        "manifest": result.manifest.to_json(),
+        "new_chunks": result.new_chunks,
+        "new_bytes": result.new_bytes,
+        "existed": result.existed,
+    }
+    return web.json_response(body, status=200 if result.existed else 201)
+
+
+@routes.get("/api/v1/images/{image_id}")
+async def show_image(request: web.Request) -> web.Response:
+    image_id = valid_image_id(request.match_info["image_id"])
+    return web.json_response(summary(request.app[CATALOG].manifest(image_id)))
+
+
+@routes.get("/api/v1/images/{image_id}/manifest")
+async def get_manifest(request: web.Request) -> web.Response:
+    image_id = valid_image_id(request.match_info["image_id"])
+    manifest = request.app[CATALOG].manifest(image_id)
+    return web.Response(body=manifest.raw, content_type="application/json")
+
+
+@routes.get("/api/v1/images/{image_id}/torrent")
+async def get_torrent(request: web.Request) -> web.Response:
+    image_id = valid_image_id(request.match_info["image_id"])
+    request.app[CATALOG].manifest(image_id)
+    body = request.app[STORE].load_torrent(image_id)
+    return web.Response(body=body, content_type="application/x-bittorrent")

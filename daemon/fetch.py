@@ -1,0 +1,194 @@
+"""Fetching an image on a node: signed manifest -> swarm download -> flush -> verified assembly.
+
+libtorrent's "finished" is never trusted alone: once it fires, the node flushes the torrent's
+cache and rebuilds the image from what is on disk, hashing every chunk and the whole image. A
+chunk that fails is deleted and re-downloaded (bounded). Only then is the manifest committed to
+the store, so a crash at any point leaves no half-held image behind. The controller's web seed
+is added only when peers stall, so the controller sends little more than one copy per swarm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from imageswarm.agent import manifest as mf
+from imageswarm.agent.errors import ChunkCorruptError, ImageSwarmError, ManifestError
+from imageswarm.agent.store import Store
+from imageswarm.daemon.client import ApiClient
+from imageswarm.daemon.config import Config
+from imageswarm.daemon.errors import ControllerError, NotFound
+from imageswarm.daemon.swarm.session import Download, Swarm
+from imageswarm.daemon.swarm.torrent import TorrentFile, check_torrent, info_hash_v2
+
+log = logging.getLogger(__name__)
+_RETRIES = 3
+
+
+@dataclass
+class FetchState:
+    image_id: str
+    state: str = "queued"  # queued, resolving, downloading, verifying, done, failed
+    error: str | None = None
+    name: str | None = None
+    size: int = 0
+    total_bytes: int = 0  # bytes of unique chunks the image needs
+    done_bytes: int = 0
+    bytes_by_source: dict[str, int] = field(default_factory=dict)
+    hash_failures: int = 0
+    web_seed_used: bool = False
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["duration"] = (self.finished or time.time()) - self.started
+        return data
+
+
+class FetchManager:
+    def __init__(self, config: Config, store: Store, swarm: Swarm) -> None:
+        assert config.controller_url is not None
+        self.config, self.store, self.swarm = config, store, swarm
+        self.controller_url = config.controller_url
+        self.controller_host = urlsplit(config.controller_url).hostname or ""
+        self.states: dict[str, FetchState] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._downloads: dict[str, Download] = {}
+
+    async def start(self) -> None:
+        """Seed every image the store already holds (after a restart)."""
+        for image_id in self.store.image_ids():
+            manifest = self.store.load_manifest(image_id, self.config.trusted_keys)
+            dl = await self.swarm.add(
+                self.store.load_torrent(image_id), self.store.root, trackers=[self._announce()]
+            )
+            self._downloads[image_id] = dl
+            self.states[image_id] = FetchState(
+                image_id, "done", name=manifest.name, size=manifest.size, finished=time.time()
+            )
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _announce(self) -> str:
+        return f"{self.controller_url}/announce"
+
+    def state(self, image_id: str) -> FetchState:
+        st = self.states.get(image_id)
+        if st is None:
+            raise NotFound(f"image {image_id} is not known to this node")
+        dl = self._downloads.get(image_id)
+        if dl is not None and st.state == "downloading":
+            self._refresh(st, dl)
+        return st
+
+    def fetch(self, image_id: str) -> FetchState:
+        """Start fetching (idempotent: a running or finished fetch is returned as is)."""
+        st = self.states.get(image_id)
+        if st is not None and st.state != "failed":
+            return self.state(image_id)
+        st = FetchState(image_id)
+        self.states[image_id] = st
+        self._tasks[image_id] = asyncio.create_task(self._run(st), name=f"fetch-{image_id}")
+        return st
+
+    def _refresh(self, st: FetchState, dl: Download) -> None:
+        status = dl.status()
+        st.done_bytes = status.total_done
+        st.hash_failures = dl.hash_failures
+        by_source = dl.bytes_by_source()
+        controller = dl.bytes_by_ip().get(self.controller_host, 0)
+        st.bytes_by_source = {
+            "local": st.bytes_by_source.get("local", 0),
+            "controller": controller,
+            "peers": max(0, by_source.get("peer", 0) - controller),
+            "web_seed": by_source.get("web_seed", 0),
+            "unattributed": by_source.get("unattributed", 0),
+        }
+
+    async def _run(self, st: FetchState) -> None:
+        try:
+            await self._fetch(st)
+        except asyncio.CancelledError:
+            st.state, st.error = "failed", "cancelled"
+            raise
+        except (ImageSwarmError, OSError) as exc:
+            log.warning("fetch of %s failed: %s", st.image_id, exc)
+            st.state, st.error = "failed", str(exc)
+        except Exception as exc:
+            log.exception("fetch of %s crashed", st.image_id)
+            st.state, st.error = "failed", f"internal error: {exc!r}"
+        finally:
+            st.finished = time.time()
+            self._tasks.pop(st.image_id, None)
+
+    async def _fetch(self, st: FetchState) -> None:
+        st.state = "resolving"
+        async with ApiClient(self.controller_url, timeout=30) as api:
+            try:
+                raw = await api.get_bytes(f"/api/v1/images/{st.image_id}/manifest")
+                torrent = await api.get_bytes(f"/api/v1/images/{st.image_id}/torrent")
+            except ControllerError as exc:
+                if exc.status == 404:
+                    raise NotFound(f"the controller has no image {st.image_id}") from None
+                raise
+        manifest = mf.verify(raw, self.config.trusted_keys)
+        if manifest.image_id != st.image_id:
+            raise ManifestError(f"controller sent the manifest of {manifest.image_id}")
+        chunks = manifest.unique_chunks()
+        check_torrent(torrent, [TorrentFile(h, n, bytes.fromhex(h)) for h, n in chunks.items()])
+        if info_hash_v2(torrent) != manifest.info_hash:
+            raise ManifestError("torrent info-hash does not match the signed manifest")
+        st.name, st.size, st.total_bytes = manifest.name, manifest.size, manifest.stored_bytes
+        missing = self.store.missing(manifest)
+        st.bytes_by_source = {"local": st.total_bytes - sum(missing.values())}
+        st.state = "downloading"
+        dl = await self.swarm.add(torrent, self.store.root, trackers=[self._announce()])
+        self._downloads[st.image_id] = dl
+        for attempt in range(_RETRIES + 1):
+            await self._download(st, dl)
+            st.state = "verifying"
+            await dl.flush()
+            try:
+                await asyncio.to_thread(self.store.assemble, manifest)
+                break
+            except ChunkCorruptError:
+                bad = await asyncio.to_thread(self.store.bad_chunks, manifest)
+                log.warning(
+                    "%s: %d chunks bad on disk after finish; refetching", st.image_id, len(bad)
+                )
+                if attempt == _RETRIES:
+                    raise
+                for name in bad:
+                    self.store.chunk_path(name).unlink(missing_ok=True)
+                await dl.recheck()
+                st.state = "downloading"
+        self._refresh(st, dl)
+        self.store.save_image(manifest, torrent)
+        st.state = "done"
+        log.info("%s fetched and verified: %s", st.image_id, st.bytes_by_source)
+
+    async def _download(self, st: FetchState, dl: Download) -> None:
+        finished = asyncio.ensure_future(dl.finished())
+        last_done, last_change = -1, time.monotonic()
+        try:
+            while not finished.done():
+                await asyncio.wait([finished], timeout=1.0)
+                self._refresh(st, dl)
+                if st.done_bytes != last_done:
+                    last_done, last_change = st.done_bytes, time.monotonic()
+                stalled = time.monotonic() - last_change
+                if not st.web_seed_used and stalled >= self.config.swarm.web_seed_after:
+                    log.info("%s: no progress for %.0fs, adding web seed", st.image_id, stalled)
+                    dl.add_web_seed(f"{self.controller_url}/webseed/")
+                    st.web_seed_used = True
+            finished.result()
+        finally:
+            finished.cancel()

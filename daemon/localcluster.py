@@ -1,0 +1,207 @@
+"""A controller and N node daemons as real processes on loopback addresses.
+
+Shared by the README demo (`imageswarm lab demo`) and the integration tests, so both exercise
+exactly the same thing: separate processes, real libtorrent sessions, real HTTP. Each daemon
+gets its own 127.0.0.x address, so peers, the tracker and per-source byte counts behave as on a
+real network; libtorrent's rate limits stand in for link speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+
+from imageswarm.agent import keys
+from imageswarm.daemon.client import ApiClient
+from imageswarm.daemon.errors import ControllerError
+
+API_PORT = 7700
+SWARM_PORT = 6881
+
+
+@dataclass
+class Daemon:
+    name: str
+    role: str
+    ip: str
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{API_PORT}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "daemon.log"
+
+
+@dataclass
+class LocalCluster:
+    """`base` is the first address's last octet; the controller takes it, nodes follow."""
+
+    root: Path
+    nodes: int = 3
+    base: int = 10
+    upload_rate_limit: int = 0
+    web_seed_after: float = 20.0
+    daemons: list[Daemon] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.controller = Daemon(
+            "controller", "controller", f"127.0.0.{self.base}", self.root / "controller"
+        )
+        self.node_daemons = [
+            Daemon(f"node{i}", "node", f"127.0.0.{self.base + i}", self.root / f"node{i}")
+            for i in range(1, self.nodes + 1)
+        ]
+        self.daemons = [self.controller, *self.node_daemons]
+
+    def write_configs(self) -> None:
+        key = keys.load_or_create(self.controller.workdir / "cache" / "signing.key")
+        for d in self.daemons:
+            d.workdir.mkdir(parents=True, exist_ok=True)
+            cfg: dict[str, Any] = {
+                "role": d.role,
+                "node_name": d.name,
+                "api_listen": f"{d.ip}:{API_PORT}",
+                "cache_dir": str(d.workdir / "cache"),
+                "cluster_cidrs": ["127.0.0.0/8"],
+                "trusted_keys": [str(key.public)],
+                "swarm": {
+                    "listen": f"{d.ip}:{SWARM_PORT}",
+                    "upload_rate_limit": self.upload_rate_limit,
+                    "announce_interval": 2,
+                },
+            }
+            if d.role == "node":
+                cfg["controller_url"] = self.controller.url
+                cfg["swarm"]["web_seed_after"] = self.web_seed_after
+            d.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def start(self, daemons: list[Daemon] | None = None) -> None:
+        for d in daemons or self.daemons:
+            log = d.log_path.open("ab")
+            d.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "imageswarm.daemon.cli.main",
+                    "daemon",
+                    "--config",
+                    str(d.config_path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
+
+    async def wait_ready(self, seconds: float = 30.0) -> None:
+        async with asyncio.timeout(seconds):
+            for d in self.daemons:
+                await self._wait_healthy(d)
+
+    async def _wait_healthy(self, d: Daemon) -> None:
+        if d.proc is None:
+            return
+        async with ApiClient(d.url, timeout=2) as api:
+            while True:
+                if d.proc.poll() is not None:
+                    log = await asyncio.to_thread(d.log_path.read_text)
+                    raise RuntimeError(f"{d.name} exited: {log[-2000:]}")
+                try:
+                    await api.get_json("/healthz")
+                    return
+                except ControllerError:
+                    await asyncio.sleep(0.2)
+
+    def kill(self, d: Daemon, sig: int = signal.SIGTERM) -> None:
+        if d.proc is not None and d.proc.poll() is None:
+            os.killpg(d.proc.pid, sig)
+            try:
+                d.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(d.proc.pid, signal.SIGKILL)
+                d.proc.wait()
+        d.proc = None
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            self.kill(d)
+
+    async def publish(self, image: Path, name: str) -> dict[str, Any]:
+        async with ApiClient(self.controller.url, timeout=600) as api:
+            data: dict[str, Any] = await api.upload(f"/api/v1/images?name={quote(name)}", image)
+            return data
+
+    async def fetch_all(self, image_id: str, seconds: float = 300.0) -> dict[str, dict[str, Any]]:
+        """Ask every node to fetch `image_id`; wait for all; return each node's final state."""
+
+        async def one(d: Daemon) -> dict[str, Any]:
+            async with ApiClient(d.url) as api:
+                state: dict[str, Any] = await api.post_json(f"/api/v1/images/{image_id}/fetch")
+                while state["state"] not in ("done", "failed"):
+                    await asyncio.sleep(0.25)
+                    state = await api.get_json(f"/api/v1/images/{image_id}")
+                return state
+
+        async with asyncio.timeout(seconds):
+            results = await asyncio.gather(*(one(d) for d in self.node_daemons))
+        return {d.name: r for d, r in zip(self.node_daemons, results, strict=True)}
+
+
+def make_tree(root: Path, files: int = 300, seed: int = 1, big_files: int = 4) -> None:
+    """A deterministic tree of random files (1-256 KiB) plus a few 1 MiB files and a kernel."""
+    rng = random.Random(seed)
+    if root.exists():
+        shutil.rmtree(root)
+    for i in range(files):
+        path = root / f"usr/share/data{i % 10}/file{i:04d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(rng.randint(1024, 256 * 1024)))
+    for i in range(big_files):
+        path = root / f"usr/lib/big{i}.so"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(1024 * 1024))
+    modules = root / "lib/modules/6.1.0-demo-amd64"
+    modules.mkdir(parents=True, exist_ok=True)
+    (modules / "modules.dep").write_text("")
+    (root / "boot").mkdir(exist_ok=True)
+    (root / "boot/vmlinuz-6.1.0-demo-amd64").write_bytes(rng.randbytes(64 * 1024))
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/os-release").write_text('NAME="imageswarm demo"\n')
+
+
+def build_ext4(tree: Path, image: Path, size_mib: int = 64) -> None:
+    image.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(tree),
+            str(image),
+            f"{size_mib}M",
+        ],
+        check=True,
+        capture_output=True,
+    )
