@@ -20,7 +20,11 @@ import libtorrent as lt
 from aiohttp import web
 
 PeerKey = tuple[str, int]
-Response = dict[str, int | bytes | str]
+Response = dict[str, int | bytes]
+
+
+def _failure(reason: str) -> Response:
+    return {"failure reason": reason.encode()}
 
 
 @dataclass
@@ -66,20 +70,20 @@ class Tracker:
 
         raw_hash = one("info_hash")
         if raw_hash is None or len(raw_hash.encode("latin-1")) != 20:
-            return {"failure reason": "info_hash must be 20 bytes"}
+            return _failure("info_hash must be 20 bytes")
         swarm = self._swarms.get(raw_hash.encode("latin-1"))
         if swarm is None:
-            return {"failure reason": "unknown torrent: this tracker serves only its own images"}
+            return _failure("unknown torrent: this tracker serves only its own images")
         if not self._in_cluster(remote):
-            return {"failure reason": f"{remote} is outside the cluster networks"}
+            return _failure(f"{remote} is outside the cluster networks")
         try:
             port = int(one("port") or "")
             left = int(one("left") or "0")
             numwant = min(int(one("numwant") or "50"), 200)
         except ValueError:
-            return {"failure reason": "port, left and numwant must be integers"}
+            return _failure("port, left and numwant must be integers")
         if not 0 < port < 65536:
-            return {"failure reason": "port out of range"}
+            return _failure("port out of range")
         self.announces += 1
         now = time.monotonic()
         for key in [k for k, p in swarm.items() if now - p.seen > 3 * self.interval]:

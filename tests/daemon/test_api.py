@@ -1,0 +1,297 @@
+"""The REST boundary of both roles, in-process with real libtorrent sessions and real HTTP.
+
+Every refusal is a problem document that names what is wrong and leaves state as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from imageswarm.agent import keys
+from imageswarm.daemon import config as cfgmod
+from imageswarm.daemon.app import create_app
+from imageswarm.daemon.appkeys import STORE
+
+TOKEN = "s3cret"
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+def _config(tmp: Path, role: str, ip: str, **extra: Any) -> cfgmod.Config:
+    data: dict[str, Any] = {
+        "role": role,
+        "node_name": f"{role}-{ip}",
+        "api_listen": f"{ip}:7700",
+        "cache_dir": str(tmp / f"{role}-{ip}"),
+        "cluster_cidrs": ["127.0.0.0/8"],
+        "api_token": TOKEN,
+        "swarm": {"listen": f"{ip}:0", "web_seed_after": 30},
+        **extra,
+    }
+    return cfgmod.parse(tmp / f"{role}-{ip}.yaml", data)
+
+
+def _snapshot(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+async def controller(tmp_path: Path, aiohttp_server: ServerFactory) -> TestServer:
+    cfg = _config(tmp_path, "controller", "127.0.0.60")
+    return await aiohttp_server(create_app(cfg), host="127.0.0.60", port=7700)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def _problem(resp: Any, status: int) -> dict[str, Any]:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/problem+json"
+    body: dict[str, Any] = json.loads(await resp.text())
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert "Traceback" not in body["detail"]
+    return body
+
+
+async def test_publish_requires_token_body_and_name(
+    controller: TestServer, aiohttp_client: ClientFactory, ext4_pair: tuple[Path, Path, Path]
+) -> None:
+    client = await aiohttp_client(controller)
+    store = controller.app[STORE].root
+    before = _snapshot(store)
+    await _problem(await client.post("/api/v1/images?name=x", data=b"abc"), 401)
+    bad = {"Authorization": "Bearer wrong"}
+    await _problem(await client.post("/api/v1/images?name=x", data=b"abc", headers=bad), 401)
+    body = await _problem(await client.post("/api/v1/images", data=b"abc", headers=_auth()), 400)
+    assert "name" in body["detail"]
+    body = await _problem(await client.post("/api/v1/images?name=x", headers=_auth()), 400)
+    assert "empty" in body["detail"]
+    junk = b"\x01" * 200_000
+    body = await _problem(
+        await client.post("/api/v1/images?name=x", data=io.BytesIO(junk), headers=_auth()), 400
+    )
+    assert "not a disk or filesystem image" in body["detail"]
+    v1, _, _ = ext4_pair
+    half = v1.read_bytes()[: 16 * 1024 * 1024]
+    body = await _problem(
+        await client.post("/api/v1/images?name=x", data=io.BytesIO(half), headers=_auth()), 400
+    )
+    assert "truncated" in body["detail"].lower() or "smaller" in body["detail"].lower()
+    assert _snapshot(store) == before
+
+
+async def test_publish_list_show_manifest_torrent_and_webseed(
+    controller: TestServer, aiohttp_client: ClientFactory, ext4_pair: tuple[Path, Path, Path]
+) -> None:
+    client = await aiohttp_client(controller)
+    v1, _, _ = ext4_pair
+    resp = await client.post(
+        "/api/v1/images?name=web", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+    )
+    assert resp.status == 201, await resp.text()
+    manifest = (await resp.json())["manifest"]
+    again = await client.post(
+        "/api/v1/images?name=web", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+    )
+    assert again.status == 200 and (await again.json())["existed"] is True
+    listed = (await (await client.get("/api/v1/images")).json())["images"]
+    assert [i["image_id"] for i in listed] == [manifest["image_id"]]
+    assert "chunks" not in listed[0] and listed[0]["unique_chunks"] > 100
+    raw = await (await client.get(f"/api/v1/images/{manifest['image_id']}/manifest")).read()
+    assert json.loads(raw) == manifest
+    torrent = await client.get(f"/api/v1/images/{manifest['image_id']}/torrent")
+    assert torrent.content_type == "application/x-bittorrent"
+    await _problem(await client.get("/api/v1/images/0000000000000000"), 404)
+    await _problem(await client.get("/api/v1/images/bad%20id"), 400)
+    chunk = next(c for c in manifest["chunks"] if c["hash"] and c["length"] > 100)
+    name = chunk["hash"]
+    part = await client.get(f"/webseed/chunks/{name[:2]}/{name}", headers={"Range": "bytes=10-19"})
+    assert part.status == 206 and len(await part.read()) == 10
+    await _problem(await client.get(f"/webseed/chunks/{name[:2]}/{'0' * 64}"), 404)
+    await _problem(await client.get("/webseed/chunks/ab/../../signing.key"), 404)
+
+
+async def test_tracker_refuses_unknown_torrents(
+    controller: TestServer, aiohttp_client: ClientFactory
+) -> None:
+    client = await aiohttp_client(controller)
+    resp = await client.get(
+        "/announce?info_hash=%00%01%02%03%04%05%06%07%08%09%0a%0b%0c%0d%0e%0f%10%11%12%13&port=1"
+    )
+    assert b"unknown torrent" in await resp.read()
+
+
+@pytest.fixture
+async def node_factory(
+    tmp_path: Path, aiohttp_client: ClientFactory
+) -> AsyncIterator[Callable[..., Awaitable[TestClient[Any, Any]]]]:
+    async def make(ip: str, trusted: list[str], controller_url: str) -> TestClient[Any, Any]:
+        cfg = _config(tmp_path, "node", ip, controller_url=controller_url, trusted_keys=trusted)
+        return await aiohttp_client(create_app(cfg))
+
+    yield make
+
+
+def _controller_key(tmp_path: Path) -> str:
+    return str(keys.load(tmp_path / "controller-127.0.0.60" / "signing.key").public)
+
+
+async def _wait(client: TestClient[Any, Any], image_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(60):
+        while True:
+            state: dict[str, Any] = await (await client.get(f"/api/v1/images/{image_id}")).json()
+            if state["state"] in ("done", "failed"):
+                return state
+            await asyncio.sleep(0.2)
+
+
+async def test_node_fetches_verifies_and_answers_idempotently(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    ctl = await aiohttp_client(controller)
+    v1, _, _ = ext4_pair
+    manifest = (
+        await (
+            await ctl.post(
+                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+            )
+        ).json()
+    )["manifest"]
+    node = await node_factory("127.0.0.61", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
+    await _problem(await node.post(f"/api/v1/images/{manifest['image_id']}/fetch"), 401)
+    first = await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
+    assert first.status == 202
+    second = await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
+    assert (await second.json())["state"] != "failed"
+    state = await _wait(node, manifest["image_id"])
+    assert state["state"] == "done", state
+    assert state["bytes_by_source"]["controller"] > 0
+    third = await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
+    assert (await third.json())["state"] == "done"
+    await _problem(await node.get("/api/v1/images/ffffffffffffffff"), 404)
+
+
+async def test_node_refuses_unknown_images_and_untrusted_keys(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    ctl = await aiohttp_client(controller)
+    v1, _, _ = ext4_pair
+    manifest = (
+        await (
+            await ctl.post(
+                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+            )
+        ).json()
+    )["manifest"]
+    stranger = keys.generate(tmp_path / "stranger.key")
+    node = await node_factory("127.0.0.62", [str(stranger.public)], "http://127.0.0.60:7700")
+    store = tmp_path / "node-127.0.0.62" / "store"
+    before = _snapshot(store)
+    await node.post("/api/v1/images/0123456789abcdef/fetch", headers=_auth())
+    state = await _wait(node, "0123456789abcdef")
+    assert state["state"] == "failed" and "no image" in state["error"]
+    await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
+    state = await _wait(node, manifest["image_id"])
+    assert state["state"] == "failed" and "unknown key" in state["error"]
+    assert _snapshot(store) == before
+
+
+async def test_node_refuses_a_tampered_manifest(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    aiohttp_server: ServerFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    """A man in the middle changes one chunk's hash in the manifest: the signature fails."""
+    ctl = await aiohttp_client(controller)
+    v1, _, _ = ext4_pair
+    manifest = (
+        await (
+            await ctl.post(
+                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+            )
+        ).json()
+    )["manifest"]
+    tampered = dict(manifest)
+    tampered["chunks"] = [dict(c) for c in manifest["chunks"]]
+    first = next(c for c in tampered["chunks"] if c["hash"])
+    first["hash"] = "f" * 64
+
+    async def manifest_handler(request: web.Request) -> web.Response:
+        return web.json_response(tampered)
+
+    async def torrent_handler(request: web.Request) -> web.Response:
+        resp = await ctl.get(f"/api/v1/images/{manifest['image_id']}/torrent")
+        return web.Response(body=await resp.read())
+
+    evil = web.Application()
+    evil.router.add_get("/api/v1/images/{id}/manifest", manifest_handler)
+    evil.router.add_get("/api/v1/images/{id}/torrent", torrent_handler)
+    await aiohttp_server(evil, host="127.0.0.63", port=7700)
+    node = await node_factory("127.0.0.64", [_controller_key(tmp_path)], "http://127.0.0.63:7700")
+    store = tmp_path / "node-127.0.0.64" / "store"
+    before = _snapshot(store)
+    await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
+    state = await _wait(node, manifest["image_id"])
+    assert state["state"] == "failed" and "altered" in state["error"], state
+    assert _snapshot(store) == before
+
+
+async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    ctl = await aiohttp_client(controller)
+    v1, v2, _ = ext4_pair
+    ids = []
+    for version, image in (("v1", v1), ("v2", v2)):
+        resp = await ctl.post(
+            f"/api/v1/images?name={version}", data=io.BytesIO(image.read_bytes()), headers=_auth()
+        )
+        ids.append((await resp.json())["manifest"])
+    m1, m2 = ids
+    node = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
+    await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
+    assert (await _wait(node, m1["image_id"]))["state"] == "done"
+    shared = {c["hash"] for c in m1["chunks"] if c["hash"]} & {
+        c["hash"] for c in m2["chunks"] if c["hash"]
+    }
+    victim = sorted(shared)[0]
+    path = tmp_path / "node-127.0.0.65" / "store" / "chunks" / victim[:2] / victim
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    await node.post(f"/api/v1/images/{m2['image_id']}/fetch", headers=_auth())
+    state = await _wait(node, m2["image_id"])
+    assert state["state"] == "done", state
+    image = tmp_path / "node-127.0.0.65" / "store" / "images" / f"{m2['image_id']}.img"
+    assert image.read_bytes() == v2.read_bytes()
+    await node.close()
+    again = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
+    listed = (await (await again.get("/api/v1/images")).json())["images"]
+    assert sorted((i["image_id"], i["state"]) for i in listed) == sorted(
+        [(m1["image_id"], "done"), (m2["image_id"], "done")]
+    )
