@@ -131,16 +131,17 @@ async def _fetch(args: argparse.Namespace) -> int:
     async with ApiClient(args.node) as api:
         state = await api.post_json(f"/api/v1/images/{args.image_id}/fetch")
         bar: Progress | None = None
-        while not args.no_wait and state["state"] not in ("done", "failed"):
+        while True:
             total = state.get("total_bytes") or 0
             if total and bar is None:
                 bar = Progress("fetching", total)
             if bar is not None:
                 bar.update(state.get("done_bytes", 0), state.get("bytes_by_source"))
+            if args.no_wait or state["state"] in ("done", "failed"):
+                break
             await asyncio.sleep(0.5)
             state = await api.get_json(f"/api/v1/images/{args.image_id}")
         if bar is not None:
-            bar.update(state.get("done_bytes", 0), state.get("bytes_by_source"))
             bar.finish()
     if args.json:
         print(json.dumps(state, indent=1))

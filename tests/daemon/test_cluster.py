@@ -6,7 +6,11 @@ network, so the controller's share of the upload is meaningful.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,6 +31,12 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         yield c
     finally:
         c.stop()
+
+
+async def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, list(argv), capture_output=True, text=True, check=False
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -62,8 +72,18 @@ async def test_image_spreads_over_the_swarm_and_v2_moves_only_the_delta(
     assert from_controller <= 2 * size, (from_controller, size)
     assert from_peers > 0.2 * stored, (from_peers, stored)
 
-    published2 = await cluster.publish(v2, "v2")
-    manifest2 = published2["manifest"]
+    # v2 goes through the CLI, as an operator would do it.
+    cli = [sys.executable, "-m", "imageswarm.daemon.cli.main", "image"]
+    pub = await _run(
+        *cli, "publish", str(v2), "--name", "v2", "--json", "--controller", cluster.controller.url
+    )
+    assert pub.returncode == 0, pub.stderr
+    manifest2 = json.loads(pub.stdout)
+    node1 = cluster.node_daemons[0]
+    fetched = await _run(*cli, "fetch", manifest2["image_id"], "--node", node1.url, "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    assert json.loads(fetched.stdout)["state"] == "done"
+    assert "fetching" in fetched.stderr  # plain progress lines when not on a terminal
     states2 = await cluster.fetch_all(manifest2["image_id"])
     for name, st in states2.items():
         assert st["state"] == "done", (name, st)
