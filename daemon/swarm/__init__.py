@@ -1,1 +1,2 @@
-"""The libtorrent side: torrent layout, session ownership and the alert pump."""
+"""The libtorrent side: torrent layout, session settings, alert events, downloads, and the
+session that owns them with its alert pump."""
