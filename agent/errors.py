@@ -10,9 +10,14 @@ ImageSwarmError      raised for any expected failure; its message is shown to th
     ChunkMissingError raised when a chunk an operation needs is not in the store.
     ChunkCorruptError raised when a chunk on disk does not hash to its name.
   ToolError          raised when an external tool (qemu-img, debugfs, mount) fails.
+  HookError          raised when a hook fails or times out (carries the phase's runs).
+  ApplyError         raised when an apply fails; says whether the root was rolled back.
+  StateError         raised when the agent's state dir is unusable or locked by another run.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class ImageSwarmError(Exception):
@@ -53,3 +58,19 @@ class ChunkCorruptError(StoreError):
 
 class ToolError(ImageSwarmError):
     pass
+
+
+class HookError(ImageSwarmError):
+    """Raised when a hook fails or times out; carries the runs of its phase so far."""
+
+    def __init__(self, message: str, runs: Sequence[object]) -> None:
+        super().__init__(message)
+        self.runs = runs
+
+
+class ApplyError(ImageSwarmError):
+    """Raised when an apply fails; the message says whether the root was rolled back."""
+
+
+class StateError(ImageSwarmError):
+    """Raised when the agent's state dir or journal is unusable or locked by another run."""

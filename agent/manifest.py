@@ -26,6 +26,11 @@ IMAGE_FORMATS = ("raw", "tar")
 SOURCE_FORMATS = ("raw", "qcow2", "tar")
 
 
+def image_id_for(sha256: str) -> str:
+    """An image is named by its content: the first 16 hex digits of its (raw) SHA-256."""
+    return sha256[:16]
+
+
 @dataclass(frozen=True)
 class ChunkEntry:
     """`length` bytes of the image: a stored chunk named `hash`, or a hole when hash is None."""

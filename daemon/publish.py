@@ -16,7 +16,7 @@ from imageswarm.agent import imagefile
 from imageswarm.agent.chunking import ImageReader, Span
 from imageswarm.agent.errors import InvalidInputError
 from imageswarm.agent.keys import SigningKey
-from imageswarm.agent.manifest import ChunkEntry, Manifest
+from imageswarm.agent.manifest import ChunkEntry, Manifest, image_id_for
 from imageswarm.agent.store import Store
 from imageswarm.daemon.swarm.torrent import TorrentFile, build_torrent, info_hash_v2
 
@@ -30,11 +30,6 @@ class PublishResult:
     new_chunks: int
     new_bytes: int
     existed: bool
-
-
-def image_id_for(sha256: str) -> str:
-    """An image is named by its content: the first 16 hex digits of its SHA-256."""
-    return sha256[:16]
 
 
 def _extents(path: Path, fmt: str) -> list[Span] | None:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from imageswarm.agent.errors import ImageSwarmError
-from imageswarm.daemon.cli import configcmd, daemoncmd, imagecmd, keycmd, labcmd
+from imageswarm.daemon.cli import agentcmd, configcmd, daemoncmd, imagecmd, keycmd, labcmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemoncmd.register(groups)
     imagecmd.register(groups)
     keycmd.register(groups)
+    agentcmd.register(groups)
     configcmd.register(groups)
     labcmd.register(groups)
     return parser

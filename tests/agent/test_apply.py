@@ -1,0 +1,139 @@
+"""Applying an image in place to a real read-only ext4 root in a private mount namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tests.agent.roots import Images, Node, tree_digest
+
+
+def _hook(hooks: Path, phase: str, name: str, body: str) -> None:
+    path = hooks / f"{phase}.d" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def _record_hooks(node: Node) -> Path:
+    log = node.work / "hooks.log"
+    for phase in ("pre-configure", "configure", "post-configure", "error"):
+        for name in ("20-second", "10-first"):
+            _hook(
+                node.hooks,
+                phase,
+                name,
+                f'echo "{phase} {name} $IMAGESWARM_OLD_IMAGE $IMAGESWARM_NEW_IMAGE '
+                f'$IMAGESWARM_ROOT $IMAGESWARM_REBOOT $LANG $(wc -l < $IMAGESWARM_CHANGES)" '
+                f">> {log}\n",
+            )
+    return log
+
+
+def _image_id(node: Node) -> str:
+    return (node.view() / "etc/image_id").read_text().strip()
+
+
+def _mounted_ro(node: Node) -> bool:
+    out = node.ns.run("findmnt", "-n", "-o", "OPTIONS", str(node.root)).stdout
+    return "ro" in out.strip().split(",")
+
+
+def test_apply_swaps_a_live_read_only_root_in_place(node: Node, images: Images) -> None:
+    log = _record_hooks(node)
+    v1_id = _image_id(node)
+    # Host state the image must not overwrite.
+    node.ns.run("mount", "-o", "remount,rw", str(node.root))
+    (node.view() / "etc/hostname").write_text("node-7\n")
+    (node.view() / "var/log/node.log").write_text("node's own log\n")
+    with (node.view() / "etc/passwd").open("a") as f:
+        f.write("localuser:x:1000:1000::/home/localuser:/bin/sh\n")
+    node.ns.run("mount", "-o", "remount,ro", str(node.root))
+    # A process started from v1's binary before the swap.
+    sleeper = subprocess.Popen(node.ns.argv(str(node.root / "usr/bin/sleep"), "300"))
+    try:
+        out = node.agent("apply", "--image", str(images.v2), "--hooks", str(node.hooks), "--json")
+        op = json.loads(out.stdout)
+        assert op["result"] == "applied", op
+        assert sleeper.poll() is None, "the v1 process must survive the swap"
+        assert any(s["pid"] == sleeper.pid or "sleep" in s["comm"] for s in op["services"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+    expected = node.work / "v2"
+    node.ns.mount_image(images.v2, expected)
+    assert tree_digest(node.view()) == tree_digest(node.ns.view(expected))
+    assert _mounted_ro(node)
+    new_id = _image_id(node)
+    assert new_id != v1_id and new_id == op["image"]["image_id"]
+    # Preserved and merged host state.
+    assert (node.view() / "etc/hostname").read_text() == "node-7\n"
+    assert (node.view() / "var/log/node.log").read_text() == "node's own log\n"
+    assert (node.view() / "var/log/image.log").read_text() == "from the image\n"
+    passwd = (node.view() / "etc/passwd").read_text()
+    assert "newsvc:" in passwd and "localuser:" in passwd
+    # The same-size, same-mtime change was not missed.
+    assert (node.view() / "etc/app.conf").read_text() == "setting = 2\n"
+    # Hooks: phase order, LANG=C name order, environment.
+    lines = log.read_text().splitlines()
+    assert [ln.split()[:2] for ln in lines] == [
+        ["pre-configure", "10-first"],
+        ["pre-configure", "20-second"],
+        ["configure", "10-first"],
+        ["configure", "20-second"],
+        ["post-configure", "10-first"],
+        ["post-configure", "20-second"],
+    ]
+    for line in lines:
+        _, _, old, new, root, reboot, lang, changes = line.split()
+        assert (old, new, root, reboot, lang) == (v1_id, new_id, str(node.root), "no-reboot", "C")
+        assert int(changes) >= 4
+    status = json.loads(node.agent("status", "--json").stdout)
+    assert status["current"]["image_id"] == new_id
+    assert status["previous"]["image_id"] == v1_id
+    assert status["pending"] is None
+    assert [p["name"] for p in status["last"]["phases"]] == [
+        "prepare",
+        "pre-configure",
+        "swap",
+        "configure",
+        "post-configure",
+        "commit",
+    ]
+
+
+def test_plan_and_dry_run_change_nothing(node: Node, images: Images) -> None:
+    before = tree_digest(node.view(), skip=())
+    plan = json.loads(node.agent("plan", "--image", str(images.v2), "--json").stdout)
+    assert plan["changed"] >= 3 and plan["added"] >= 1 and plan["removed"] >= 1
+    dry = node.agent("apply", "--image", str(images.v2), "--dry-run")
+    assert "nothing changed" in dry.stdout
+    assert tree_digest(node.view(), skip=()) == before
+
+
+def test_rollback_restores_the_previous_image(node: Node, images: Images) -> None:
+    v1_view = node.work / "v1"
+    node.ns.mount_image(images.v1, v1_view)
+    expected = tree_digest(node.ns.view(v1_view))
+    v1_id = _image_id(node)
+    node.agent("apply", "--image", str(images.v2))
+    assert tree_digest(node.view()) != expected
+    node.agent("rollback")
+    assert tree_digest(node.view()) == expected
+    assert _image_id(node) == v1_id
+    assert _mounted_ro(node)
+    clean = node.agent("verify", check=False)
+    assert clean.returncode == 0, clean.stdout
+
+
+def test_verify_reports_drift(node: Node) -> None:
+    node.ns.run("mount", "-o", "remount,rw", str(node.root))
+    (node.view() / "usr/share/doc/readme").write_text("tampered\n")
+    node.ns.run("mount", "-o", "remount,ro", str(node.root))
+    drift = node.agent("verify", check=False)
+    assert drift.returncode == 1
+    assert "usr/share/doc/readme" in drift.stdout
+    assert os.path.exists(node.view() / "etc/image_id")
