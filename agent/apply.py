@@ -230,9 +230,20 @@ class Agent:
             if not filters.exists():
                 self._filter_file(op, self._decide(op, tree))
             replaced = self.root / services.REPLACED_DIR
+            backup = replaced / op.op_id
+            hidden = self._hidden_changes(op, tree)
             done = rsync.run(
-                tree, self.root, filters, backup_dir=replaced / op.op_id, on_line=self._midway()
+                tree,
+                self.root,
+                filters,
+                checksum=hidden is None,
+                backup_dir=backup,
+                on_line=self._midway(),
             )
+            if hidden:
+                only = self.state.workdir(op) / "same-size-and-mtime"
+                only.write_text("".join(f"{path}\n" for path in hidden))
+                rsync.run(tree, self.root, filters, only=only, backup_dir=backup)
             preserve.merge_accounts(tree, self.root)
             self._prune_replaced(replaced, keep=op.op_id)
             if op.plan is None:
@@ -240,6 +251,28 @@ class Agent:
         finally:
             if op.remounted:
                 mounts.remount(self.root, writable=False)
+
+    def _hidden_changes(self, op: Operation, tree: Path) -> list[str] | None:
+        """The planned content changes that rsync's quick check (size + mtime) would miss.
+
+        None when the plan is not at hand or a path cannot be checked: then the swap itself
+        compares checksums, which is always right, only slower."""
+        try:
+            lines = (self.state.workdir(op) / "changes").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        hidden = []
+        for line in lines:
+            if not line.startswith("~ "):
+                continue
+            rel = line[2:]
+            try:
+                new, old = os.lstat(tree / rel), os.lstat(self.root / rel)
+            except OSError:
+                return None
+            if new.st_size == old.st_size and int(new.st_mtime) == int(old.st_mtime):
+                hidden.append(rel)
+        return hidden
 
     @staticmethod
     def _prune_replaced(replaced: Path, keep: str) -> None:

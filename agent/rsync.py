@@ -1,12 +1,13 @@
 """The swap itself and its dry run: one rsync invocation shape, and its itemized output parsed.
 
-    rsync -aHAX --numeric-ids --one-file-system --delete --checksum --omit-dir-times
+    rsync -aHAX --numeric-ids --one-file-system --omit-dir-times --delete [--checksum]
           --filter=merge FILE [--backup --backup-dir=DIR] SRC/ ROOT/
 
 Never --inplace: rsync writes each new file beside the old one and renames it over, so running
-binaries and mapped libraries keep their old inodes. --checksum compares content, so a file
-changed with the same size and mtime is never missed (it reads both trees: measured in
-docs/benchmarks.md).
+binaries and mapped libraries keep their old inodes. The plan (a dry run) uses --checksum, so a
+file changed with the same size and mtime is never missed. Reading both trees once is enough:
+the swap itself uses the quick check, plus a second pass over exactly the files the plan found
+changed behind an unchanged size and mtime (see agent/apply.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ BASE = [
     "-aHAX",
     "--numeric-ids",
     "--one-file-system",
-    "--delete",
-    "--checksum",
     # Directory mtimes change whenever a preserved or merged file inside is written (hostname,
     # passwd, image_id); they are no part of what an image is, and would show as drift forever.
     "--omit-dir-times",
@@ -105,15 +104,25 @@ def run(
     filter_file: Path,
     *,
     dry_run: bool = False,
+    checksum: bool = True,
+    only: Path | None = None,
     backup_dir: Path | None = None,
     on_line: LineHook | None = None,
 ) -> Plan:
     """Make `root` equal `source` (minus filtered paths); returns what changed.
 
-    With `backup_dir` (on the root's filesystem), every file rsync replaces or deletes is moved
-    there instead of unlinked. `on_line` is called with the running rsync process after each
+    Without `checksum`, files are compared by size and mtime (rsync's quick check). With `only`
+    (a file listing root-relative paths), just those paths are copied, unconditionally and
+    without --delete. With `backup_dir` (on the root's filesystem), every file rsync replaces
+    or deletes is moved there instead of unlinked. `on_line` is called with the running rsync process after each
     itemized line (the agent's crash tests use it to kill the swap half-way)."""
     argv = [*BASE, f"--filter=merge {filter_file}", _FORMAT]
+    if only is not None:
+        argv += [f"--files-from={only}", "--ignore-times"]
+    else:
+        argv.append("--delete")
+        if checksum:
+            argv.append("--checksum")
     if dry_run:
         argv.append("--dry-run")
     if backup_dir is not None:
