@@ -114,8 +114,8 @@ def run(
     Without `checksum`, files are compared by size and mtime (rsync's quick check). With `only`
     (a file listing root-relative paths), just those paths are copied, unconditionally and
     without --delete. With `backup_dir` (on the root's filesystem), every file rsync replaces
-    or deletes is moved there instead of unlinked. `on_line` is called with the running rsync process after each
-    itemized line (the agent's crash tests use it to kill the swap half-way)."""
+    or deletes is moved there instead of unlinked. `on_line` is called with the running rsync
+    process after each itemized line (the crash tests use it to kill the swap half-way)."""
     argv = [*BASE, f"--filter=merge {filter_file}", _FORMAT]
     if only is not None:
         argv += [f"--files-from={only}", "--ignore-times"]

@@ -9,6 +9,7 @@ machine's own mount namespace, and the mounts vanish with the namespace.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -16,9 +17,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from imageswarm.agent.manifest import image_id_for
 
 RELEASE_V1 = "6.1.0-test-amd64"
 RELEASE_V3 = "6.2.0-test-amd64"
@@ -260,3 +264,58 @@ def tree_digest(root: Path, skip: Sequence[str] = PRESERVED) -> dict[str, tuple[
                 out[rel] = ("other", st.st_mode, st.st_uid, st.st_gid)
         dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
     return out
+
+
+# --- helpers for the recovery and bad-input tests -------------------------------------------
+
+
+def mount_readonly(ns: Namespace, image: Path, at: Path) -> Path:
+    """Mount `image` at `at` in `ns` without ever writing to it (loop, ro, journal not replayed);
+    returns the mount as the test sees it. For the expected trees that roots are compared with."""
+    at.mkdir(parents=True, exist_ok=True)
+    ns.run("mount", "-o", "loop,ro,noload", str(image), str(at))
+    return ns.view(at)
+
+
+def derive_image(
+    base: Path, dest: Path, change: Callable[[Path], None], size_mib: int | None = None
+) -> Path:
+    """A copy of the ext4 image `base` (grown to `size_mib`), changed by `change(tree)` while it
+    is mounted read-write in a namespace of its own."""
+    shutil.copyfile(base, dest)
+    if size_mib is not None:
+        os.truncate(dest, size_mib << 20)
+        subprocess.run(["resize2fs", "-f", str(dest)], check=True, capture_output=True)
+    at = dest.with_name(dest.name + ".mnt")
+    ns = Namespace()
+    try:
+        ns.mount_image(dest, at, readonly=False)
+        change(ns.view(at))
+        ns.run("umount", str(at))
+    finally:
+        ns.close()
+    at.rmdir()
+    return dest
+
+
+def image_id_of(image: Path) -> str:
+    """The id the agent gives an image file (derived from its SHA-256, as `publish` does)."""
+    digest = hashlib.sha256()
+    with image.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return image_id_for(digest.hexdigest())
+
+
+def root_image_id(node: Node) -> str:
+    return (node.view() / "etc/image_id").read_text().strip()
+
+
+def root_is_read_only(node: Node) -> bool:
+    out = node.ns.run("findmnt", "-n", "-o", "OPTIONS", str(node.root)).stdout
+    return "ro" in out.strip().split(",")
+
+
+def agent_status(node: Node) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(node.agent("status", "--json").stdout)
+    return data
