@@ -308,14 +308,21 @@ class Agent:
     # --- endings -----------------------------------------------------------------------------
     def _finish(self, op: Operation) -> Operation:
         stale = services.find_stale(self.root)
-        units = services.units_to_restart(stale)
+        restarted: dict[str, tuple[bool, str]] = {}
+        if self.opts.restart_services:
+            units = services.units_to_restart(stale)
+            restarted = {unit: (ok, out) for unit, ok, out in services.restart_units(units)}
         op.services = [
-            {"pid": s.pid, "comm": s.comm, "unit": s.unit, "files": list(s.files[:10])}
+            {
+                "pid": s.pid,
+                "comm": s.comm,
+                "unit": s.unit,
+                "files": list(s.files[:10]),
+                "restarted": restarted[s.unit][0] if s.unit in restarted else False,
+                "restart_output": restarted[s.unit][1] if s.unit in restarted else "",
+            }
             for s in stale
         ]
-        if self.opts.restart_services and units:
-            for unit, ok, output in services.restart_units(units):
-                op.hooks.append({"phase": "restart", "name": unit, "ok": ok, "output": output})
         if op.kind == "restore":
             op.result = "rolled-back"
         else:

@@ -157,7 +157,8 @@ def _op_text(op: dict[str, Any]) -> str:
     if op.get("reboot"):
         lines.append(f"  reboot: {op['reboot']['summary']}")
     for s in op.get("services", []):
-        lines.append(f"  still running old files: pid {s['pid']} {s['comm']} ({s['unit'] or '-'})")
+        what = "restarted" if s.get("restarted") else "still running replaced files"
+        lines.append(f"  {what}: {s['unit'] or '-'} (pid {s['pid']} {s['comm']})")
     return "\n".join(lines)
 
 

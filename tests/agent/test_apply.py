@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.agent.roots import Images, Node, tree_digest
 
@@ -137,3 +140,47 @@ def test_verify_reports_drift(node: Node) -> None:
     assert drift.returncode == 1
     assert "usr/share/doc/readme" in drift.stdout
     assert os.path.exists(node.view() / "etc/image_id")
+
+
+def test_restart_services_restarts_exactly_the_units_running_replaced_files(
+    node: Node, images: Images
+) -> None:
+    """A process in a (v1 name=systemd) cgroup named like a service runs v1's binary: after the
+    swap the agent names that unit and restarts exactly it, through systemctl on PATH."""
+    hierarchy = Path("/sys/fs/cgroup/systemd")
+    if not (hierarchy / "cgroup.procs").exists():
+        pytest.skip("no name=systemd cgroup hierarchy to place a fake service in")
+    unit = f"imageswarm-test-{os.getpid()}.service"
+    cgroup = hierarchy / "system.slice" / unit
+    cgroup.mkdir(parents=True)
+    fake = node.work / "bin"
+    fake.mkdir()
+    calls = node.work / "systemctl.calls"
+    (fake / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake / "systemctl").chmod(0o755)
+    sleeper = subprocess.Popen(node.ns.argv(str(node.root / "usr/bin/sleep"), "300"))
+    try:
+        time.sleep(0.2)
+        for pid in _pids_of(sleeper.pid):
+            (cgroup / "cgroup.procs").write_text(str(pid))
+        env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+        out = node.agent(
+            "apply", "--image", str(images.v2), "--restart-services", "--json", env=env
+        )
+        op = json.loads(out.stdout)
+        ours = [s for s in op["services"] if s["unit"] == unit]
+        assert ours and all(s["restarted"] for s in ours), op["services"]
+        assert calls.read_text().split("\n")[0] == f"restart {unit}"
+        assert len(calls.read_text().splitlines()) == 1
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            (hierarchy / "cgroup.procs").write_text(pid)
+        cgroup.rmdir()
+
+
+def _pids_of(parent: int) -> list[int]:
+    """`parent` (nsenter) and its children (the sleep it runs)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [parent, *map(int, children)]
