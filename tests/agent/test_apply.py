@@ -151,7 +151,9 @@ def test_restart_services_restarts_exactly_the_units_running_replaced_files(
     if not (hierarchy / "cgroup.procs").exists():
         pytest.skip("no name=systemd cgroup hierarchy to place a fake service in")
     unit = f"imageswarm-test-{os.getpid()}.service"
-    cgroup = hierarchy / "system.slice" / unit
+    slice_dir = hierarchy / "system.slice"
+    made_slice = not slice_dir.exists()
+    cgroup = slice_dir / unit
     cgroup.mkdir(parents=True)
     fake = node.work / "bin"
     fake.mkdir()
@@ -175,9 +177,11 @@ def test_restart_services_restarts_exactly_the_units_running_replaced_files(
     finally:
         sleeper.kill()
         sleeper.wait()
-        for pid in (cgroup / "cgroup.procs").read_text().split():
-            (hierarchy / "cgroup.procs").write_text(pid)
+        for member in (cgroup / "cgroup.procs").read_text().split():
+            (hierarchy / "cgroup.procs").write_text(member)
         cgroup.rmdir()
+        if made_slice:
+            slice_dir.rmdir()
 
 
 def _pids_of(parent: int) -> list[int]:
