@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import cast
 
 from imageswarm.agent import health, hooks, kernel, mounts, preserve, rsync, services
-from imageswarm.agent.errors import ApplyError, HookError, ImageSwarmError, InvalidInputError
+from imageswarm.agent.errors import (
+    ApplyError,
+    HookError,
+    ImageSwarmError,
+    InvalidInputError,
+    StateError,
+)
 from imageswarm.agent.fsutil import atomic_write
 from imageswarm.agent.journal import ImageRef, Operation, Phase, StateDir
 from imageswarm.agent.source import image_tree
@@ -78,10 +84,14 @@ class Agent:
 
     def apply(self, image: ImageRef, *, kind: str = "apply") -> Operation:
         with self.state.locked():
-            self._recover()
+            recovered = self._recover()
             current = self.state.current()
             if current is not None and current.image_id == image.image_id:
-                raise InvalidInputError(f"image {image.image_id} is already applied to {self.root}")
+                if recovered is not None and recovered.image.image_id == image.image_id:
+                    return recovered  # the interrupted apply of this very image, now finished
+                op = self._new_op(kind, image)
+                op.result = "already-applied"
+                return op
             if current is None and not self.opts.allow_no_rollback:
                 raise InvalidInputError(
                     f"no previous image is known for {self.root}, so a failed apply could not be "
@@ -149,7 +159,12 @@ class Agent:
             )
         except HookError as exc:
             op.hooks += [r.to_json() for r in exc.runs if isinstance(r, hooks.HookRun)]
-            raise
+            if op.kind != "restore":
+                raise
+            # Restoring the previous image must not hinge on hooks: the root is already back to
+            # a known image after the swap, so a failing hook is reported, not fatal.
+            op.error = f"{op.error or ''}; {phase} hook failed during restore: {exc}".lstrip("; ")
+            return
         op.hooks += [r.to_json() for r in runs]
 
     def _filter_file(self, op: Operation, decision: kernel.RebootDecision) -> Path:
@@ -401,6 +416,12 @@ class Agent:
             return self._close(op)
         try:
             return self._run(op, resume=True)
-        except ApplyError:
+        except ApplyError as exc:
+            if self.state.journal() is not None:
+                raise StateError(
+                    f"the interrupted {op.kind} of {op.image.image_id} could not be finished or "
+                    f"rolled back ({exc}); {self.root} may hold parts of two images; fix the "
+                    "cause and run `imageswarm agent recover`"
+                ) from None
             last = self.state.status().get("last")
             return Operation.from_json(last) if last else op

@@ -73,9 +73,12 @@ def run_phase(
         run = _run_one(hook, phase, full_env, timeout)
         runs.append(run)
         if not run.ok and stop_on_failure:
-            why = "timed out" if run.returncode is None else f"exited {run.returncode}"
+            why = f"exited {run.returncode}"
+            if run.returncode is None:
+                why = f"timed out after {timeout:g} s"
             last = run.output.strip().splitlines()[-3:]
-            raise HookError(f"{phase} hook {hook.name} {why}: {' | '.join(last)}", runs)
+            said = f": {' | '.join(last)}" if last else " with no output"
+            raise HookError(f"{phase} hook {hook.name} {why}{said}", runs)
     return runs
 
 

@@ -83,7 +83,8 @@ class Operation:
 
     @property
     def touched_root(self) -> bool:
-        return any(p.name in TOUCHING for p in self.phases)
+        # A restore exists only because the operation it undoes had already changed the root.
+        return self.kind == "restore" or any(p.name in TOUCHING for p in self.phases)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -78,7 +78,8 @@ def is_mount_point(path: Path) -> bool:
 def _run(argv: list[str], what: str) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise ToolError(f"{what} failed: {(proc.stderr or proc.stdout).strip()}")
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ToolError(f"{what} failed: {' | '.join(ln.strip() for ln in lines)}")
 
 
 def remount(root: Path, *, writable: bool) -> None:

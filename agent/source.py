@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from imageswarm.agent import imagefile
-from imageswarm.agent.errors import ImageFormatError, InvalidInputError, ToolError
+from imageswarm.agent.errors import ImageFormatError, InvalidInputError, SignatureError, ToolError
 from imageswarm.agent.journal import ImageRef, StateDir
 from imageswarm.agent.keys import PublicKey
 from imageswarm.agent.manifest import image_id_for
@@ -70,7 +70,10 @@ def import_store(
 ) -> ImageRef:
     """Verify an image the node's store holds (signature, then whole-image SHA-256) and keep it."""
     store = Store.open(store_dir, create=False)
-    manifest = store.load_manifest(image_id, list(trusted))
+    try:
+        manifest = store.load_manifest(image_id, list(trusted))
+    except SignatureError as exc:
+        raise SignatureError(f"image {image_id} in {store_dir}: {exc}") from None
     path = store.image_path(image_id)
     if not path.exists():
         store.assemble(manifest)

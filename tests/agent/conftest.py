@@ -30,7 +30,7 @@ def node(namespace: Namespace, images: Images, tmp_path: Path) -> Node:
     root = tmp_path / "root"
     disk = tmp_path / "disk.img"  # the node's own disk: a copy, never the image itself
     shutil.copyfile(images.v1, disk)
-    namespace.mount_image(disk, root)
+    namespace.mount_disk(disk, root)
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     n = Node(namespace, root, tmp_path / "state", hooks, tmp_path)

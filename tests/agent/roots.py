@@ -163,7 +163,8 @@ class Namespace:
         """`path` as this namespace sees it, readable from the test's namespace."""
         return Path(f"/proc/{self.holder.pid}/root") / path.relative_to("/")
 
-    def mount_image(self, image: Path, at: Path, *, readonly: bool = True) -> None:
+    def mount_disk(self, image: Path, at: Path, *, readonly: bool = True) -> None:
+        """Mount a node's disk (a copy: mounting writes to it) that the agent may remount rw."""
         at.mkdir(parents=True, exist_ok=True)
         # A writable loop device (so the agent can remount rw), then a read-only mount.
         self.run("mount", "-o", "loop", str(image), str(at))
@@ -289,7 +290,7 @@ def derive_image(
     at = dest.with_name(dest.name + ".mnt")
     ns = Namespace()
     try:
-        ns.mount_image(dest, at, readonly=False)
+        ns.mount_disk(dest, at, readonly=False)
         change(ns.view(at))
         ns.run("umount", str(at))
     finally:

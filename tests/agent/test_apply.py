@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.roots import Images, Node, tree_digest
+from tests.agent.roots import Images, Node, mount_readonly, tree_digest
 
 
 def _hook(hooks: Path, phase: str, name: str, body: str) -> None:
@@ -66,9 +66,8 @@ def test_apply_swaps_a_live_read_only_root_in_place(node: Node, images: Images) 
         sleeper.kill()
         sleeper.wait()
 
-    expected = node.work / "v2"
-    node.ns.mount_image(images.v2, expected)
-    assert tree_digest(node.view()) == tree_digest(node.ns.view(expected))
+    expected = mount_readonly(node.ns, images.v2, node.work / "v2")
+    assert tree_digest(node.view()) == tree_digest(expected)
     assert _mounted_ro(node)
     new_id = _image_id(node)
     assert new_id != v1_id and new_id == op["image"]["image_id"]
@@ -118,9 +117,7 @@ def test_plan_and_dry_run_change_nothing(node: Node, images: Images) -> None:
 
 
 def test_rollback_restores_the_previous_image(node: Node, images: Images) -> None:
-    v1_view = node.work / "v1"
-    node.ns.mount_image(images.v1, v1_view)
-    expected = tree_digest(node.ns.view(v1_view))
+    expected = tree_digest(mount_readonly(node.ns, images.v1, node.work / "v1"))
     v1_id = _image_id(node)
     node.agent("apply", "--image", str(images.v2))
     assert tree_digest(node.view()) != expected

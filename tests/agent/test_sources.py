@@ -9,13 +9,11 @@ from pathlib import Path
 from imageswarm.agent import keys
 from imageswarm.agent.store import Store
 from imageswarm.daemon.publish import publish
-from tests.agent.roots import Images, Node, tree_digest
+from tests.agent.roots import Images, Node, mount_readonly, tree_digest
 
 
 def _expected_v2(node: Node, images: Images) -> dict[str, tuple[object, ...]]:
-    at = node.work / "v2"
-    node.ns.mount_image(images.v2, at)
-    return tree_digest(node.ns.view(at))
+    return tree_digest(mount_readonly(node.ns, images.v2, node.work / "v2"))
 
 
 def test_qcow2_image_gets_the_same_id_as_its_raw_form(node: Node, images: Images) -> None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.agent.roots import Namespace
+from tests.agent.roots import Namespace, mount_readonly
 from tests.bench.benchkit import markdown_table
 
 AGENT = [sys.executable, "-m", "imageswarm.daemon.cli.main", "agent"]
@@ -49,8 +49,19 @@ def make_tree(root: Path, files: int, seed: int) -> list[Path]:
 
 def build(tree: Path, image: Path, mib: int) -> None:
     subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-N", "65536", "-E", "root_owner=0:0", "-d", str(tree),
-         str(image), f"{mib}M"],
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-N",
+            "65536",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(tree),
+            str(image),
+            f"{mib}M",
+        ],
         check=True,
     )
 
@@ -61,15 +72,20 @@ def measure_agent(work: Path, v1: Path, v2: Path) -> tuple[float, dict[str, floa
         disk = work / "agent-disk.img"
         shutil.copyfile(v1, disk)
         root = work / "agent-root"
-        ns.mount_image(disk, root)
+        ns.mount_disk(disk, root)
         env = {**os.environ, "IMAGESWARM_RUNNING_KERNEL": "none-bench"}
-        common = ["--root", str(root), "--state-dir", str(work / "state"), "--reboot-command",
-                  "true"]
+        common = [
+            "--root",
+            str(root),
+            "--state-dir",
+            str(work / "state"),
+            "--reboot-command",
+            "true",
+        ]
         ns.run(*AGENT, "adopt", *common, "--image", str(v1), env=env, timeout=600)
         subprocess.run(["sync"], check=True)
         start = time.perf_counter()
-        out = ns.run(*AGENT, "apply", *common, "--image", str(v2), "--json", env=env,
-                     timeout=1800)
+        out = ns.run(*AGENT, "apply", *common, "--image", str(v2), "--json", env=env, timeout=1800)
         seconds = time.perf_counter() - start
         op = json.loads(out.stdout)
         phases = {p["name"]: p["seconds"] for p in op["phases"]}
@@ -84,12 +100,13 @@ def measure_rsync(work: Path, v1: Path, v2: Path, extra: list[str]) -> tuple[flo
         disk = work / "rsync-disk.img"
         shutil.copyfile(v1, disk)
         root, source = work / "rsync-root", work / "rsync-source"
-        ns.mount_image(disk, root, readonly=False)
-        ns.mount_image(v2, source)
+        ns.mount_disk(disk, root, readonly=False)
+        mount_readonly(ns, v2, source)
         subprocess.run(["sync"], check=True)
         start = time.perf_counter()
-        out = ns.run("rsync", "-aHAX", *extra, "--out-format=%i %n", f"{source}/", f"{root}/",
-                     timeout=1800)
+        out = ns.run(
+            "rsync", "-aHAX", *extra, "--out-format=%i %n", f"{source}/", f"{root}/", timeout=1800
+        )
         seconds = time.perf_counter() - start
         touched = sum(1 for line in out.stdout.splitlines() if line[:2] in (">f", "cL", "cd"))
         return seconds, touched
@@ -126,9 +143,7 @@ def main() -> None:
     print(f"{args.files} files, {len(changed)} changed ({args.changed:.0%}), {args.mib} MiB ext4")
     print(markdown_table(["method", "seconds", "vs bare rsync", "files touched"], rows))
     print()
-    print(markdown_table(
-        ["agent phase", "seconds"], [[k, f"{v:.2f}"] for k, v in phases.items()]
-    ))
+    print(markdown_table(["agent phase", "seconds"], [[k, f"{v:.2f}"] for k, v in phases.items()]))
     print(f"\nfiles changed: {len(changed)}; files the agent touched: {touched}")
 
 
