@@ -44,6 +44,18 @@ class SwarmConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """How a node daemon runs `imageswarm agent` (see agent/apply.py)."""
+
+    root: Path = Path("/")
+    state_dir: Path | None = None  # default <cache_dir>/agent
+    hooks: Path | None = None
+    preserve: tuple[str, ...] = ()
+    reboot_command: str = "systemctl reboot"
+    restart_services: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     role: Role
@@ -56,10 +68,23 @@ class Config:
     controller_url: str | None = None
     signing_key: Path | None = None
     api_token: str | None = None
+    join_secret: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    heartbeat_interval: float = 10.0
+    db_path: Path | None = None
+    agent: AgentConfig = AgentConfig()
 
     @property
     def store_dir(self) -> Path:
         return self.cache_dir / "store"
+
+    @property
+    def agent_state_dir(self) -> Path:
+        return self.agent.state_dir or self.cache_dir / "agent"
+
+    @property
+    def database(self) -> Path:
+        return self.db_path or self.cache_dir / "controller.db"
 
 
 class _Reader:
@@ -144,6 +169,27 @@ def _swarm(r: _Reader) -> SwarmConfig:
     return cfg
 
 
+def _agent(r: _Reader) -> AgentConfig:
+    preserve = r.get("preserve", [])
+    if not isinstance(preserve, list) or not all(isinstance(p, str) and p for p in preserve):
+        raise r.fail("preserve", "a list of root-relative paths")
+    restart = r.get("restart_services", False)
+    if not isinstance(restart, bool):
+        raise r.fail("restart_services", "true or false")
+    hooks = r.text("hooks", None)
+    state_dir = r.text("state_dir", None)
+    cfg = AgentConfig(
+        root=Path(r.text("root", "/")),
+        state_dir=Path(state_dir) if state_dir else None,
+        hooks=Path(hooks) if hooks else None,
+        preserve=tuple(preserve),
+        reboot_command=r.text("reboot_command", AgentConfig.reboot_command),
+        restart_services=restart,
+    )
+    r.done()
+    return cfg
+
+
 def parse(path: Path, data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
@@ -183,6 +229,12 @@ def parse(path: Path, data: Any) -> Config:
         if not keys:
             raise r.fail("trusted_keys", "at least one public key (nodes refuse unsigned images)")
     signing_key = r.text("signing_key", None)
+    labels = r.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise r.fail("labels", "a mapping of label names to string values")
+    db_path = r.text("db_path", None)
     cfg = Config(
         path=path,
         role=role,
@@ -197,6 +249,11 @@ def parse(path: Path, data: Any) -> Config:
         if role == "controller"
         else None,
         api_token=r.text("api_token", None),
+        join_secret=r.text("join_secret", None),
+        labels=dict(labels),
+        heartbeat_interval=r.number("heartbeat_interval", 10.0, minimum=0.1),
+        db_path=Path(db_path) if db_path else None,
+        agent=_agent(r.sub("agent")),
     )
     r.done()
     return cfg
@@ -232,6 +289,10 @@ signing_key: /var/lib/imageswarm/signing.key
 trusted_keys: []
 # Bearer token operators must send to mutating endpoints. Unset: no auth (lab only).
 api_token: change-me
+# Nodes enroll with this shared secret and then use their own per-node token.
+join_secret: change-me-too
+# Seconds between node heartbeats (told to every node in each answer).
+heartbeat_interval: 10
 swarm:
   # libtorrent listens here for peers.
   listen: 198.18.0.1:6881
@@ -259,6 +320,20 @@ cluster_cidrs: [198.18.0.0/15]
 # Public keys whose signed images this node accepts (`imageswarm key generate` prints one).
 trusted_keys:
   - ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=
+# The controller's join_secret, used once to enroll and get this node's own token.
+join_secret: change-me-too
+# Labels rollouts can select nodes by.
+labels:
+  role: compute
+# How this node applies images (imageswarm agent).
+agent:
+  root: /
+  # Executables in pre-configure.d, configure.d, post-configure.d, error.d.
+  hooks: /etc/imageswarm/hooks
+  # Extra root-relative paths to keep (a trailing / keeps a whole tree).
+  preserve: [var/lib/myservice/]
+  reboot_command: systemctl reboot
+  restart_services: true
 swarm:
   # libtorrent listens here; peers must reach this address.
   listen: 198.18.0.2:6881

@@ -98,3 +98,33 @@ def test_unreadable_and_non_yaml(tmp_path: Path) -> None:
     path.write_text("- a list")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         config.load(path)
+
+
+def test_control_plane_keys(tmp_path: Path) -> None:
+    cfg = config.load(
+        _write(
+            tmp_path,
+            {
+                **NODE,
+                "join_secret": "s",
+                "labels": {"role": "compute"},
+                "agent": {
+                    "root": "/srv/root",
+                    "preserve": ["var/lib/x/"],
+                    "restart_services": True,
+                },
+            },
+        )
+    )
+    assert cfg.labels == {"role": "compute"}
+    assert cfg.agent.root == Path("/srv/root") and cfg.agent.restart_services
+    assert cfg.agent_state_dir == cfg.cache_dir / "agent"
+    for bad, key in (
+        ({**NODE, "labels": {"a": 1}}, "labels"),
+        ({**NODE, "agent": {"preserve": "x"}}, "agent.preserve"),
+        ({**NODE, "agent": {"restart_services": "yes"}}, "agent.restart_services"),
+        ({**NODE, "agent": {"rot": "/"}}, "agent.rot"),
+        ({**NODE, "heartbeat_interval": 0}, "heartbeat_interval"),
+    ):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            config.load(_write(tmp_path, bad))
