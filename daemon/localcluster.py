@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,21 @@ class Daemon:
     def log_path(self) -> Path:
         return self.workdir / "daemon.log"
 
+    @property
+    def disk(self) -> Path:
+        """The node's own root filesystem (a copy of the cluster's root image)."""
+        return self.workdir / "disk.img"
+
+    @property
+    def root(self) -> Path:
+        """Where the node's root is mounted, inside the node's own mount namespace."""
+        return self.workdir / "root"
+
+    def root_view(self) -> Path:
+        """The node's root as seen from outside its mount namespace."""
+        assert self.proc is not None, f"{self.name} is not running"
+        return Path(f"/proc/{self.proc.pid}/root") / self.root.relative_to("/")
+
 
 @dataclass
 class LocalCluster:
@@ -60,6 +76,13 @@ class LocalCluster:
     base: int = 10
     upload_rate_limit: int = 0
     web_seed_after: float = 20.0
+    #: When set, every node runs in a private mount namespace of its own with a copy of this
+    #: ext4 image loop-mounted read-only as its root, adopted by its agent before the daemon
+    #: starts; the control plane then swaps those roots. Never the machine's own root.
+    root_image: Path | None = None
+    join_secret: str = "lab-join-secret"
+    api_token: str | None = "lab-operator-token"
+    heartbeat_interval: float = 1.0
     daemons: list[Daemon] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -89,23 +112,68 @@ class LocalCluster:
                     "announce_interval": 2,
                 },
             }
+            cfg["join_secret"] = self.join_secret
+            cfg["heartbeat_interval"] = self.heartbeat_interval
+            if d.role == "controller" and self.api_token:
+                cfg["api_token"] = self.api_token
             if d.role == "node":
                 cfg["controller_url"] = self.controller.url
                 cfg["swarm"]["web_seed_after"] = self.web_seed_after
+                cfg["labels"] = {"role": "compute", "index": d.name.removeprefix("node")}
+                cfg["agent"] = {
+                    "root": str(d.root),
+                    "state_dir": str(d.workdir / "agent"),
+                    # The lab never reboots anything: it records the request instead.
+                    "reboot_command": f"touch {d.workdir / 'reboot-requested'}",
+                }
             d.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def _argv(self, d: Daemon) -> list[str]:
+        cli = [sys.executable, "-m", "imageswarm.daemon.cli.main"]
+        daemon = [*cli, "daemon", "--config", str(d.config_path)]
+        if d.role != "node" or self.root_image is None:
+            return daemon
+        fresh = not d.disk.exists()
+        if fresh:
+            shutil.copyfile(self.root_image, d.disk)
+        d.root.mkdir(parents=True, exist_ok=True)
+        # In a mount namespace of its own: a writable loop device mounted read-only as the
+        # node's root (the agent remounts it rw only while swapping), then the daemon.
+        script = 'mount -o loop "$1" "$2" && mount -o remount,ro "$2" && shift 2 && '
+        if fresh:
+            adopt = [
+                *cli,
+                "agent",
+                "adopt",
+                "--image",
+                str(self.root_image),
+                "--root",
+                str(d.root),
+                "--state-dir",
+                str(d.workdir / "agent"),
+            ]
+            script += shlex.join(adopt) + " >/dev/null && "
+        script += 'exec "$@"'
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(d.disk),
+            str(d.root),
+            *daemon,
+        ]
 
     def start(self, daemons: list[Daemon] | None = None) -> None:
         for d in daemons or self.daemons:
             log = d.log_path.open("ab")
             d.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "imageswarm.daemon.cli.main",
-                    "daemon",
-                    "--config",
-                    str(d.config_path),
-                ],
+                self._argv(d),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -146,7 +214,7 @@ class LocalCluster:
             self.kill(d)
 
     async def publish(self, image: Path, name: str) -> dict[str, Any]:
-        async with ApiClient(self.controller.url, timeout=600) as api:
+        async with ApiClient(self.controller.url, token=self.api_token, timeout=600) as api:
             data: dict[str, Any] = await api.upload(f"/api/v1/images?name={quote(name)}", image)
             return data
 

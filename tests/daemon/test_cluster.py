@@ -75,7 +75,16 @@ async def test_image_spreads_over_the_swarm_and_v2_moves_only_the_delta(
     # v2 goes through the CLI, as an operator would do it.
     cli = [sys.executable, "-m", "imageswarm.daemon.cli.main", "image"]
     pub = await _run(
-        *cli, "publish", str(v2), "--name", "v2", "--json", "--controller", cluster.controller.url
+        *cli,
+        "publish",
+        str(v2),
+        "--name",
+        "v2",
+        "--json",
+        "--controller",
+        cluster.controller.url,
+        "--token",
+        str(cluster.api_token),
     )
     assert pub.returncode == 0, pub.stderr
     manifest2 = json.loads(pub.stdout)
