@@ -11,7 +11,7 @@ own private mount namespace:
 - rsync --checksum: the same with --checksum, which is what the agent's swap pays for never
   missing a same-size, same-mtime change.
 
-    .venv/bin/python tests/bench/bench_apply.py [--files 20000] [--changed 0.01]
+    .venv/bin/python -m tests.bench.bench_apply [--files 20000] [--changed 0.01]
 """
 
 from __future__ import annotations
