@@ -117,7 +117,7 @@ class Agent:
         with self.state.locked():
             self._recover()
             self.state.save_status(current=image.to_json(), previous=None)
-            self._write_image_id(image.image_id, remount=True)
+            self._write_image_id(image.image_id)
 
     # --- the phases --------------------------------------------------------------------------
     def _new_op(self, kind: str, image: ImageRef) -> Operation:
@@ -223,19 +223,13 @@ class Agent:
                         if not result.ok:
                             raise ApplyError(f"health check failed: {result.detail}")
             with self._phase(op, "commit"):
-                self._write_image_id(op.image.image_id, remount=op.remounted)
+                self._write_image_id(op.image.image_id)
         except (ImageSwarmError, OSError) as exc:
             return self._failed(op, exc)
         return self._finish(op)
 
     def _swap(self, op: Operation, tree: Path) -> None:
-        entry = mounts.mount_of(self.root)
-        if entry.readonly and not op.remounted:
-            if entry.mount_point != self.root.resolve():
-                raise ApplyError(
-                    f"{self.root} lies on the read-only mount {entry.mount_point}; the agent "
-                    "remounts only a root that is itself a mount point"
-                )
+        if not op.remounted and self._read_only_root():
             op.remounted = True
             self.state.record(op)
         try:
@@ -309,9 +303,24 @@ class Agent:
 
         return hook
 
-    def _write_image_id(self, image_id: str, *, remount: bool) -> None:
+    def _read_only_root(self) -> bool:
+        """True when the root is a read-only mount point, so writing needs a remount.
+
+        Only a root that is itself a mount point is ever remounted: remounting the mount that
+        merely contains a directory root would flip a whole other filesystem (the host's /)."""
+        entry = mounts.mount_of(self.root)
+        if not entry.readonly:
+            return False
+        if entry.mount_point != self.root.resolve():
+            raise ApplyError(
+                f"{self.root} lies on the read-only mount {entry.mount_point}; the agent "
+                "remounts only a root that is itself a mount point"
+            )
+        return True
+
+    def _write_image_id(self, image_id: str) -> None:
         path = self.root / self.opts.image_id_file
-        if remount or mounts.mount_of(self.root).readonly:
+        if self._read_only_root():
             mounts.remount(self.root, writable=True)
             try:
                 atomic_write(path, f"{image_id}\n".encode())

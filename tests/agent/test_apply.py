@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.roots import Images, Node, mount_readonly, tree_digest
+from tests.agent.roots import AGENT, Images, Namespace, Node, mount_readonly, tree_digest
 
 
 def _hook(hooks: Path, phase: str, name: str, body: str) -> None:
@@ -185,3 +185,47 @@ def _pids_of(parent: int) -> list[int]:
     """`parent` (nsenter) and its children (the sleep it runs)."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     return [parent, *map(int, children)]
+
+
+def test_directory_roots_never_remount_the_filesystem_around_them(
+    namespace: Namespace, images: Images, tmp_path: Path
+) -> None:
+    """A root that is a plain directory is written in place; the mount holding it is never
+    remounted (that would flip a whole other filesystem, such as the host's /). A directory on a
+    read-only mount that is not itself a mount point is refused, changing nothing."""
+    root = tmp_path / "dirroot"
+    root.mkdir()
+    state = tmp_path / "state"
+    env = {**os.environ, "IMAGESWARM_RUNNING_KERNEL": "6.1.0-test-amd64"}
+    common = ["--root", str(root), "--state-dir", str(state), "--reboot-command", "true"]
+
+    def agent(action: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return namespace.run(*AGENT, action, *common, *args, env=env)
+
+    before = namespace.run("findmnt", "-n", "-o", "OPTIONS", "--target", str(tmp_path)).stdout
+    agent("apply", "--image", str(images.v1), "--allow-no-rollback")
+    agent("apply", "--image", str(images.v2))
+    after = namespace.run("findmnt", "-n", "-o", "OPTIONS", "--target", str(tmp_path)).stdout
+    assert before == after
+    expected = tree_digest(mount_readonly(namespace, images.v2, tmp_path / "v2"))
+    assert tree_digest(namespace.view(root)) == expected
+    # The same directory behind a read-only bind mount that is not the root itself.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    namespace.run("mount", "--bind", str(tmp_path), str(ro))
+    namespace.run("mount", "-o", "remount,bind,ro", str(ro))
+    refused = namespace.run(
+        *AGENT,
+        "apply",
+        "--root",
+        str(ro / "dirroot"),
+        "--state-dir",
+        str(state),
+        "--image",
+        str(images.v1),
+        env=env,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert "remounts only a root that is itself a mount point" in refused.stderr
+    assert tree_digest(namespace.view(root)) == expected
