@@ -5,6 +5,7 @@ Each long-lived resource is one cleanup_ctx entry, built before `yield`, torn do
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,12 +14,23 @@ from aiohttp import web
 from imageswarm.agent import keys
 from imageswarm.agent.store import Store
 from imageswarm.daemon import appkeys as K
+from imageswarm.daemon.api import events as events_api
 from imageswarm.daemon.api import images as images_api
 from imageswarm.daemon.api import node as node_api
+from imageswarm.daemon.api import nodes as nodes_api
+from imageswarm.daemon.api import rollouts as rollouts_api
 from imageswarm.daemon.catalog import Catalog
 from imageswarm.daemon.config import Config
+from imageswarm.daemon.db import Database
+from imageswarm.daemon.events import EventBus
 from imageswarm.daemon.fetch import FetchManager
+from imageswarm.daemon.fleet import Fleet
+from imageswarm.daemon.heartbeat import HeartbeatLoop
+from imageswarm.daemon.metrics import Metrics
+from imageswarm.daemon.metrics import handle as metrics_handler
+from imageswarm.daemon.openapi import openapi_handler
 from imageswarm.daemon.problems import problem_middleware
+from imageswarm.daemon.rollouts import RolloutEngine
 from imageswarm.daemon.swarm.session import Swarm, SwarmSettings
 from imageswarm.daemon.tracker import Tracker
 from imageswarm.daemon.webseed import WebSeed
@@ -62,12 +74,47 @@ async def _controller_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _control_plane_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SQLite, the event log, the fleet and the rollout engine (docs/control-plane.md)."""
+    config, metrics, catalog = app[K.CONFIG], app[K.METRICS], app[K.CATALOG]
+    async with contextlib.AsyncExitStack() as stack:
+        db = await Database.open(config.database)
+        stack.push_async_callback(db.close)
+        bus = EventBus(db)
+        await bus.start()
+        stack.callback(bus.close)
+        fleet = Fleet(
+            db, bus, metrics, join_secret=config.join_secret, interval=config.heartbeat_interval
+        )
+        await fleet.start()
+        stack.push_async_callback(fleet.close)
+        engine = RolloutEngine(db, bus, fleet, metrics, catalog.store.has_image)
+        await engine.start()
+        stack.push_async_callback(engine.close)
+        catalog.add_usage_check(fleet.image_user)
+        catalog.add_usage_check(engine.image_user)
+        app[K.DATABASE], app[K.EVENTS], app[K.FLEET], app[K.ROLLOUTS] = db, bus, fleet, engine
+        yield
+
+
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     fetcher = FetchManager(app[K.CONFIG], app[K.STORE], app[K.SWARM])
     await fetcher.start()
     app[K.FETCHER] = fetcher
     yield
     await fetcher.close()
+
+
+async def _heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    loop = HeartbeatLoop(app[K.CONFIG], app[K.FETCHER], app.get(K.HEARTBEAT_SETTINGS))
+    loop.start()
+    app[K.HEARTBEAT] = loop
+    yield
+    await loop.close(timeout=10)
+
+
+async def node_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[K.HEARTBEAT].status_json())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -86,7 +133,18 @@ def create_app(config: Config) -> web.Application:
         app[K.TRACKER] = tracker
         app.router.add_get("/announce", tracker.handle)
         app.cleanup_ctx.append(_controller_ctx)
+        metrics = Metrics()
+        app[K.METRICS] = metrics
+        app.middlewares.insert(0, metrics.middleware())  # outermost: counts problem answers too
+        app[K.EVENT_STREAMS] = set()
+        app.cleanup_ctx.append(_control_plane_ctx)
+        app.on_shutdown.append(events_api.close_streams)
         app.router.add_routes(images_api.routes)
+        app.router.add_routes(nodes_api.routes)
+        app.router.add_routes(rollouts_api.routes)
+        app.router.add_routes(events_api.routes)
+        app.router.add_get("/metrics", metrics_handler)
+        app.router.add_get("/api/v1/openapi.json", openapi_handler)
 
         async def _webseed_ctx(app: web.Application) -> AsyncIterator[None]:
             app[K.WEBSEED] = WebSeed(app[K.STORE])
@@ -96,7 +154,9 @@ def create_app(config: Config) -> web.Application:
         app.router.add_get(WebSeed.PREFIX + "/chunks/{prefix}/{name}", _webseed_handler)
     else:
         app.cleanup_ctx.append(_node_ctx)
+        app.cleanup_ctx.append(_heartbeat_ctx)
         app.router.add_routes(node_api.routes)
+        app.router.add_get("/api/v1/status", node_status)
     return app
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from imageswarm.agent.errors import StoreError
 from imageswarm.agent.keys import SigningKey
 from imageswarm.agent.manifest import Manifest
 from imageswarm.agent.store import Store
-from imageswarm.daemon.errors import NotFound
+from imageswarm.daemon.errors import Conflict, NotFound
 from imageswarm.daemon.publish import PublishResult, publish
 from imageswarm.daemon.swarm.session import Swarm
 from imageswarm.daemon.tracker import Tracker
@@ -25,6 +27,7 @@ class Catalog:
         self.store, self.key, self.swarm, self.tracker = store, key, swarm, tracker
         self.announce_url = announce_url
         self._lock = asyncio.Lock()  # one publish at a time: chunk dedup and abort stay exact
+        self._usage_checks: list[Callable[[str], str | None]] = []
 
     async def start(self) -> None:
         """Seed every image already in the store (after a restart)."""
@@ -50,3 +53,38 @@ class Catalog:
             return self.store.load_manifest(image_id)
         except StoreError:
             raise NotFound(f"image {image_id} does not exist") from None
+
+    def add_usage_check(self, check: Callable[[str], str | None]) -> None:
+        """`check(image_id)` says why an image must not be deleted (None: it may be)."""
+        self._usage_checks.append(check)
+
+    async def delete(self, image_id: str) -> Manifest:
+        """Stop seeding an image and remove it with the chunks no other image uses.
+
+        Refused (Conflict) while a usage check objects: a node runs it or keeps it to roll back
+        to, or a rollout targets it. Holds the publish lock, so a publish running meanwhile
+        cannot count on a chunk this removes.
+        """
+        async with self._lock:
+            manifest = self.manifest(image_id)
+            for check in self._usage_checks:
+                reason = check(image_id)
+                if reason is not None:
+                    raise Conflict(f"image {image_id} is in use: {reason}")
+            self.store.remove_image(image_id)  # the manifest goes first: nothing can target it now
+            self.tracker.forget(manifest.info_hash)
+            download = self.swarm.downloads.get(manifest.info_hash)
+            if download is not None:
+                await download.remove()
+            await asyncio.to_thread(self._remove_unused_chunks, manifest)
+        log.info("deleted image %s (%s)", image_id, manifest.name)
+        return manifest
+
+    def _remove_unused_chunks(self, manifest: Manifest) -> None:
+        live = self.store.refcounts()
+        for name in manifest.unique_chunks():
+            if name not in live:
+                path = self.store.chunk_path(name)
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # only when its prefix directory is now empty
+                    path.parent.rmdir()

@@ -53,6 +53,9 @@ class AgentConfig:
     preserve: tuple[str, ...] = ()
     reboot_command: str = "systemctl reboot"
     restart_services: bool = False
+    #: Let the first apply on a node whose running image was never recorded go ahead without
+    #: a way back (otherwise the node must `imageswarm agent adopt` its image first).
+    allow_no_rollback: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,9 @@ def _agent(r: _Reader) -> AgentConfig:
     restart = r.get("restart_services", False)
     if not isinstance(restart, bool):
         raise r.fail("restart_services", "true or false")
+    no_rollback = r.get("allow_no_rollback", False)
+    if not isinstance(no_rollback, bool):
+        raise r.fail("allow_no_rollback", "true or false")
     hooks = r.text("hooks", None)
     state_dir = r.text("state_dir", None)
     cfg = AgentConfig(
@@ -185,6 +191,7 @@ def _agent(r: _Reader) -> AgentConfig:
         preserve=tuple(preserve),
         reboot_command=r.text("reboot_command", AgentConfig.reboot_command),
         restart_services=restart,
+        allow_no_rollback=no_rollback,
     )
     r.done()
     return cfg

@@ -1,4 +1,4 @@
-"""Controller image API: publish (upload), list, show, and the signed manifest and torrent."""
+"""Controller image API: publish (upload), list, show, delete, the signed manifest and torrent."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from imageswarm.agent.manifest import Manifest
-from imageswarm.daemon.appkeys import CATALOG, CONFIG, STORE
+from imageswarm.daemon.appkeys import CATALOG, CONFIG, EVENTS, STORE
 from imageswarm.daemon.errors import BadRequest
 from imageswarm.daemon.problems import require_token
 
@@ -58,6 +58,11 @@ async def publish_image(request: web.Request) -> web.Response:
         result = await request.app[CATALOG].publish(spool, name)
     finally:
         spool.unlink(missing_ok=True)
+    if not result.existed:
+        manifest = result.manifest
+        await request.app[EVENTS].publish(
+            "image.published", image_id=manifest.image_id, name=manifest.name
+        )
     body = {
         "manifest": result.manifest.to_json(),
         "new_chunks": result.new_chunks,
@@ -71,6 +76,15 @@ async def publish_image(request: web.Request) -> web.Response:
 async def show_image(request: web.Request) -> web.Response:
     image_id = valid_image_id(request.match_info["image_id"])
     return web.json_response(summary(request.app[CATALOG].manifest(image_id)))
+
+
+@routes.delete("/api/v1/images/{image_id}")
+async def delete_image(request: web.Request) -> web.Response:
+    require_token(request, request.app[CONFIG].api_token)
+    image_id = valid_image_id(request.match_info["image_id"])
+    manifest = await request.app[CATALOG].delete(image_id)
+    await request.app[EVENTS].publish("image.deleted", image_id=image_id, name=manifest.name)
+    return web.Response(status=204)
 
 
 @routes.get("/api/v1/images/{image_id}/manifest")

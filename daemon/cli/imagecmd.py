@@ -1,4 +1,4 @@
-"""`imageswarm image`: publish (offline or through the controller), fetch, list, show."""
+"""`imageswarm image`: publish (offline or through the controller), fetch, list, show, delete."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def register(groups: Any) -> None:
     pub.add_argument("--name", required=True)
     pub.add_argument("--store", type=Path, help="publish offline into this store directory")
     pub.add_argument("--key", type=Path, help="signing key for --store (see `key generate`)")
-    _controller_args(pub)
+    controller_args(pub)
     pub.add_argument("--json", action="store_true", help="print the signed manifest as JSON")
     pub.set_defaults(func=cmd_publish)
 
@@ -43,20 +43,26 @@ def register(groups: Any) -> None:
     fetch.set_defaults(func=cmd_fetch)
 
     lst = sub.add_parser("list", help="list images on the controller, a node or a store")
-    _controller_args(lst)
+    controller_args(lst)
     lst.add_argument("--store", type=Path, help="list an offline store instead")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_list)
 
     show = sub.add_parser("show", help="show one image's manifest")
     show.add_argument("image_id")
-    _controller_args(show)
+    controller_args(show)
     show.add_argument("--store", type=Path)
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
 
+    delete = sub.add_parser("delete", help="delete an image no node runs and no rollout targets")
+    delete.add_argument("image_id")
+    controller_args(delete)
+    delete.add_argument("--json", action="store_true")
+    delete.set_defaults(func=cmd_delete)
 
-def _controller_args(parser: argparse.ArgumentParser) -> None:
+
+def controller_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--controller",
         default=default_url(CONTROLLER, "http://127.0.0.1:7700"),
@@ -178,6 +184,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         data = mf.parse(raw).to_json()
     _print_manifest(data, args.json)
     return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    asyncio.run(_delete(args, f"/api/v1/images/{quote(args.image_id)}"))
+    print(
+        json.dumps({"image_id": args.image_id, "deleted": True})
+        if args.json
+        else f"deleted {args.image_id}"
+    )
+    return 0
+
+
+async def _delete(args: argparse.Namespace, path: str) -> None:
+    async with ApiClient(args.controller, token=args.token) as api:
+        await api.delete(path)
 
 
 async def _get(args: argparse.Namespace, path: str) -> Any:

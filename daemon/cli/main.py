@@ -11,7 +11,16 @@ import sys
 from collections.abc import Sequence
 
 from imageswarm.agent.errors import ImageSwarmError
-from imageswarm.daemon.cli import agentcmd, configcmd, daemoncmd, imagecmd, keycmd, labcmd
+from imageswarm.daemon.cli import (
+    agentcmd,
+    configcmd,
+    daemoncmd,
+    imagecmd,
+    keycmd,
+    labcmd,
+    nodescmd,
+    rolloutcmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     daemoncmd.register(groups)
     imagecmd.register(groups)
+    rolloutcmd.register(groups)
+    nodescmd.register(groups)
     keycmd.register(groups)
     agentcmd.register(groups)
     configcmd.register(groups)
