@@ -180,7 +180,9 @@ class FetchManager:
         last_done, last_change = -1, time.monotonic()
         try:
             while not finished.done():
-                await asyncio.wait([finished], timeout=1.0)
+                # Sample often: libtorrent forgets a peer's byte count when it disconnects,
+                # and a small delta finishes within a second.
+                await asyncio.wait([finished], timeout=0.2)
                 self._refresh(st, dl)
                 if st.done_bytes != last_done:
                     last_done, last_change = st.done_bytes, time.monotonic()

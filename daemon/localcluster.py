@@ -28,6 +28,7 @@ from imageswarm.daemon.client import ApiClient
 from imageswarm.daemon.errors import ControllerError
 
 API_PORT = 7700
+LAB_KERNEL = "6.1.0-demo-amd64"
 SWARM_PORT = 6881
 
 
@@ -170,10 +171,14 @@ class LocalCluster:
         ]
 
     def start(self, daemons: list[Daemon] | None = None) -> None:
+        # The lab's images carry this kernel; nodes act as if they run it (a real node reads
+        # uname), so rollouts of images with the same kernel need no reboot.
+        env = {**os.environ, "IMAGESWARM_RUNNING_KERNEL": LAB_KERNEL}
         for d in daemons or self.daemons:
             log = d.log_path.open("ab")
             d.proc = subprocess.Popen(
                 self._argv(d),
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -198,6 +203,19 @@ class LocalCluster:
                     return
                 except ControllerError:
                     await asyncio.sleep(0.2)
+
+    async def wait_nodes_online(self, seconds: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until every node has enrolled, heartbeats and reports its current image."""
+        async with (
+            ApiClient(self.controller.url, token=self.api_token) as api,
+            asyncio.timeout(seconds),
+        ):
+            while True:
+                nodes: list[dict[str, Any]] = (await api.get_json("/api/v1/nodes"))["nodes"]
+                ready = [n for n in nodes if n["online"] and n["current_image"]]
+                if len(ready) >= len(self.node_daemons):
+                    return sorted(nodes, key=lambda n: str(n["name"]))
+                await asyncio.sleep(0.3)
 
     def kill(self, d: Daemon, sig: int = signal.SIGTERM) -> None:
         if d.proc is not None and d.proc.poll() is None:
@@ -247,11 +265,11 @@ def make_tree(root: Path, files: int = 300, seed: int = 1, big_files: int = 4) -
         path = root / f"usr/lib/big{i}.so"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.randbytes(1024 * 1024))
-    modules = root / "lib/modules/6.1.0-demo-amd64"
+    modules = root / f"lib/modules/{LAB_KERNEL}"
     modules.mkdir(parents=True, exist_ok=True)
     (modules / "modules.dep").write_text("")
     (root / "boot").mkdir(exist_ok=True)
-    (root / "boot/vmlinuz-6.1.0-demo-amd64").write_bytes(rng.randbytes(64 * 1024))
+    (root / f"boot/vmlinuz-{LAB_KERNEL}").write_bytes(rng.randbytes(64 * 1024))
     (root / "etc").mkdir(exist_ok=True)
     (root / "etc/os-release").write_text('NAME="imageswarm demo"\n')
 

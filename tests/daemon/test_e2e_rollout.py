@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from imageswarm.daemon.client import ApiClient, Event, SseParser
+from imageswarm.daemon.client import Event, SseParser
 from imageswarm.daemon.localcluster import LocalCluster
 from tests.agent.roots import Namespace, mount_readonly, tree_digest
 
@@ -40,16 +40,6 @@ async def cluster(
         yield c
     finally:
         c.stop()
-
-
-async def _online(cluster: LocalCluster, count: int) -> list[dict[str, Any]]:
-    async with ApiClient(cluster.controller.url, token=cluster.api_token) as api:
-        async with asyncio.timeout(60):
-            while True:
-                nodes: list[dict[str, Any]] = (await api.get_json("/api/v1/nodes"))["nodes"]
-                if sum(1 for n in nodes if n["online"] and n["current_image"]) >= count:
-                    return nodes
-                await asyncio.sleep(0.3)
 
 
 async def _events(cluster: LocalCluster) -> list[dict[str, Any]]:
@@ -106,7 +96,7 @@ async def test_staged_rollout_swaps_every_node_root_to_the_new_image(
     cluster: LocalCluster, ext4_pair: tuple[Path, Path, Path]
 ) -> None:
     _, v2, _ = ext4_pair
-    nodes = await _online(cluster, 4)
+    nodes = await cluster.wait_nodes_online()
     v1_ids = {n["current_image"] for n in nodes}
     assert len(v1_ids) == 1
     manifest = (await cluster.publish(v2, "v2"))["manifest"]
