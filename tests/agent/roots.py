@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imageswarm.agent.manifest import image_id_for
+from imageswarm.daemon.localcluster import build_ext4
 
 RELEASE_V1 = "6.1.0-test-amd64"
 RELEASE_V3 = "6.2.0-test-amd64"
@@ -82,22 +83,7 @@ def v2_changes(root: Path) -> None:
 
 
 def build_image(tree: Path, image: Path, size_mib: int = 48) -> Path:
-    image.unlink(missing_ok=True)
-    subprocess.run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            str(tree),
-            str(image),
-            f"{size_mib}M",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    build_ext4(tree, image, size_mib)
     return image
 
 
