@@ -22,11 +22,12 @@ from urllib.parse import quote
 
 from imageswarm.agent import kernel
 from imageswarm.agent.fsutil import atomic_write
+from imageswarm.daemon.agentcli import DEFAULT_AGENT_ARGV, AgentCli
 from imageswarm.daemon.client import ApiClient
 from imageswarm.daemon.config import Config
 from imageswarm.daemon.errors import ControllerError
 from imageswarm.daemon.fetch import FetchManager
-from imageswarm.daemon.nodeagent import DEFAULT_AGENT_ARGV, ActionRunner, AgentCli, Instruction
+from imageswarm.daemon.nodeagent import ActionRunner, Instruction
 
 log = logging.getLogger(__name__)
 
