@@ -9,6 +9,7 @@ real network; libtorrent's rate limits stand in for link speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shlex
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +220,16 @@ class LocalCluster:
                 await asyncio.sleep(0.3)
 
     def kill(self, d: Daemon, sig: int = signal.SIGTERM) -> None:
-        if d.proc is not None and d.proc.poll() is None:
+        """Stop a daemon; for a namespaced node also every process left in its namespace (the
+        agent and its rsync run in sessions of their own), so the namespace and its root mount
+        are gone before a restart mounts the same disk again."""
+        if d.proc is None:
+            return
+        ns_inode: int | None = None
+        if d.role == "node" and self.root_image is not None and d.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                ns_inode = os.stat(f"/proc/{d.proc.pid}/ns/mnt").st_ino
+        if d.proc.poll() is None:
             os.killpg(d.proc.pid, sig)
             try:
                 d.proc.wait(timeout=15)
@@ -226,6 +237,14 @@ class LocalCluster:
                 os.killpg(d.proc.pid, signal.SIGKILL)
                 d.proc.wait()
         d.proc = None
+        deadline = time.monotonic() + 15
+        while ns_inode is not None and (left := namespace_pids(ns_inode)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes left in {d.name}'s mount namespace: {left}")
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
 
     def stop(self) -> None:
         for d in self.daemons:
@@ -250,6 +269,17 @@ class LocalCluster:
         async with asyncio.timeout(seconds):
             results = await asyncio.gather(*(one(d) for d in self.node_daemons))
         return {d.name: r for d, r in zip(self.node_daemons, results, strict=True)}
+
+
+def namespace_pids(ns_inode: int) -> list[int]:
+    """Every process in the mount namespace with this inode."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/mnt").st_ino == ns_inode:
+                    pids.append(int(entry))
+    return pids
 
 
 def make_tree(root: Path, files: int = 300, seed: int = 1, big_files: int = 4) -> None:
