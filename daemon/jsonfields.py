@@ -20,7 +20,10 @@ LABEL_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
 
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 400 that says why it is not."""
-    text = await request.text()
+    try:
+        text = await request.text()
+    except (UnicodeDecodeError, LookupError) as exc:  # bytes not in its charset, unknown charset
+        raise BadRequest(f"the request body is not text in its charset ({exc})") from None
     if not text.strip():
         raise BadRequest("the request body is empty; send a JSON object")
     try:
