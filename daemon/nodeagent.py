@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from imageswarm.agent.fsutil import atomic_write
+from imageswarm.agent.kernel import POLICIES
 from imageswarm.daemon.agentcli import (
     DETAIL_MAX,
     AgentCli,
@@ -39,7 +40,6 @@ from imageswarm.daemon.fetch import FetchManager
 log = logging.getLogger(__name__)
 
 KINDS = ("none", "prefetch", "apply", "rollback")
-POLICIES = ("auto", "never", "always", "hold")
 ACTION_FILE = "node-action.json"
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FINISHED_KEPT = 100

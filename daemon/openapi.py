@@ -15,6 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
+from imageswarm.agent.kernel import POLICIES
+from imageswarm.daemon.rolloutstate import STATES, STATUSES
+
 Schema = dict[str, Any]
 
 DESCRIPTION = """\
@@ -30,28 +33,9 @@ tracker (`GET /announce`, BEP 3/23) and the web seed (`GET /webseed/chunks/...`,
 """
 
 NAME_PATTERN = "^[A-Za-z0-9._-]{1,64}$"
-ROLLOUT_STATES = [
-    "pending",
-    "prefetching",
-    "applying",
-    "paused",
-    "done",
-    "halted",
-    "aborted",
-    "rolling-back",
-    "rolled-back",
-]
-NODE_STATUSES = [
-    "pending",
-    "prefetching",
-    "prefetched",
-    "applying",
-    "applied",
-    "failed",
-    "rolling-back",
-    "rolled-back",
-]
-REBOOT = ["auto", "never", "always", "hold"]
+ROLLOUT_STATES = list(STATES)
+NODE_STATUSES = list(STATUSES)
+REBOOT = list(POLICIES)
 #: What the engine (rollouts.Strategy) takes for a key a request leaves out; a test compares.
 STRATEGY_DEFAULTS: dict[str, Any] = {
     "prefetch": True,

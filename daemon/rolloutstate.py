@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from imageswarm.agent.kernel import POLICIES
 from imageswarm.daemon.db import NewEvent, RolloutNodeRow, RolloutRow
 from imageswarm.daemon.errors import NotFound
 from imageswarm.daemon.jsonfields import Fields, iso_time
@@ -41,7 +42,7 @@ STATUSES = (
     "rolled-back",
 )
 IN_FLIGHT = ("applying", "rolling-back")  # a node changing its root: it finishes, whatever we say
-REBOOT = ("auto", "never", "always", "hold")
+REBOOT = POLICIES
 KIND = {"prefetching": "prefetch", "applying": "apply", "rolling-back": "rollback"}
 DONE = {"prefetching": "prefetched", "applying": "applied", "rolling-back": "rolled-back"}
 _PERCENT = re.compile(r"([0-9]{1,3})%")

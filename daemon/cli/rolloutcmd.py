@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from imageswarm.agent.kernel import POLICIES
 from imageswarm.daemon.cli import watch
 from imageswarm.daemon.cli.imagecmd import controller_args
 from imageswarm.daemon.client import ApiClient
 
 ROLLOUTS = "/api/v1/rollouts"
-REBOOT = ("auto", "never", "always", "hold")
 ACTIONS = {
     "pause": "stop starting new batches (nodes mid-apply finish)",
     "resume": "continue a paused or halted rollout (a halted one retries its failed nodes)",
@@ -72,7 +72,7 @@ def register(groups: Any) -> None:
     )
     start.add_argument("--batch", type=batch_size, metavar="N|P%", help="nodes per batch")
     start.add_argument("--max-failures", type=int, metavar="N", help="failures before halting")
-    start.add_argument("--reboot", choices=REBOOT, help="reboot policy when the kernel changes")
+    start.add_argument("--reboot", choices=POLICIES, help="reboot policy when the kernel changes")
     start.add_argument(
         "--no-prefetch", action="store_true", help="do not fetch on every node before applying"
     )
