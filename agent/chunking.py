@@ -26,6 +26,7 @@ from types import TracebackType
 from pyfastcdc import FastCDC
 
 from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
+from imageswarm.agent.extents import Extent
 
 MIN_CHUNK = 16 * 1024
 AVG_CHUNK = 64 * 1024
@@ -37,16 +38,8 @@ _HASH_WINDOW = 8 * 1024 * 1024
 _ZEROS = bytes(ZERO_BLOCK)
 
 
-@dataclass(frozen=True)
-class Span:
-    """A byte range [offset, offset + length) of an image."""
-
-    offset: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
+#: A byte range of an image: the one type for file extents and the cuts made from them.
+Span = Extent
 
 
 @dataclass(frozen=True)

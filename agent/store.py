@@ -17,6 +17,7 @@ presence alone: readers verify its root, writers publish it only once complete a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -34,7 +35,7 @@ from imageswarm.agent.errors import (
     ManifestError,
     StoreError,
 )
-from imageswarm.agent.fsutil import atomic_write, fsync_dir, syncfs
+from imageswarm.agent.fsutil import atomic_write, fsync_dir, syncfs, write_all
 from imageswarm.agent.keys import PublicKey
 
 _BATCH_BYTES = 64 * 1024 * 1024
@@ -66,9 +67,7 @@ class ChunkWriter:
         tmp = self._store.tmp_path("chunk")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         finally:
             os.close(fd)
         self._batch.append((tmp, self._store.chunk_path(name)))
@@ -228,8 +227,6 @@ class Store:
         """Rebuild the image from verified chunks (holes stay sparse), check its SHA-256,
         and move it into place atomically. Reads every chunk from disk: this is the check
         that a download really landed, whatever the torrent engine said."""
-        import hashlib
-
         dest = dest or self.image_path(manifest.image_id)
         tmp = self.tmp_path("image")
         whole = hashlib.sha256()

@@ -33,10 +33,7 @@ class PublishResult:
 
 
 def _extents(path: Path, fmt: str) -> list[Span] | None:
-    found = imagefile.tar_member_extents(path) if fmt == "tar" else imagefile.file_extents(path)
-    if found is None:
-        return None
-    return [Span(e.offset, e.length) for e in found]
+    return imagefile.tar_member_extents(path) if fmt == "tar" else imagefile.file_extents(path)
 
 
 def publish(

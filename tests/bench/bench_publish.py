@@ -88,8 +88,7 @@ def pieces_only(image: Path, extents: list[Span] | None) -> int:
 
 
 def extents_only(image: Path) -> list[Span] | None:
-    found = imagefile.file_extents(image)
-    return None if found is None else [Span(e.offset, e.length) for e in found]
+    return imagefile.file_extents(image)
 
 
 def timed_publish(image: Path, store_dir: Path) -> tuple[float, PublishResult]:
