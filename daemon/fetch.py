@@ -100,11 +100,11 @@ class FetchManager:
         return st
 
     def _refresh(self, st: FetchState, dl: Download) -> None:
-        status = dl.status()
+        status = dl.status()  # one sample of the torrent and its peers serves all three reads
         st.done_bytes = status.total_done
         st.hash_failures = dl.hash_failures
-        by_source = dl.bytes_by_source()
-        controller = dl.bytes_by_ip().get(self.controller_host, 0)
+        by_source = dl.bytes_by_source(refresh=False)
+        controller = dl.bytes_by_ip(refresh=False).get(self.controller_host, 0)
         st.bytes_by_source = {
             "local": st.bytes_by_source.get("local", 0),
             "controller": controller,

@@ -214,24 +214,27 @@ class Download:
         self._live_handle().add_url_seed(url)
         self._web_seeds.append(url)
 
-    def bytes_by_source(self) -> dict[str, int]:
+    def bytes_by_source(self, *, refresh: bool = True) -> dict[str, int]:
         """Payload bytes received so far by kind of source: "peer", "web_seed" and "unattributed".
 
         libtorrent counts bytes per connection and forgets them on disconnect, so connections
         are sampled (here, in ``status`` and every ``peer_stats_interval``); "unattributed" is
         what connections received after their last sample, e.g. peers that left the moment the
-        download finished. The three add up to the torrent's payload download.
+        download finished. The three add up to the torrent's payload download. With
+        ``refresh=False`` the last sample is used (e.g. the one ``status()`` just took).
         """
-        self._refresh_peer_bytes()
+        if refresh:
+            self._refresh_peer_bytes()
         totals = {"peer": 0, "web_seed": 0}
         for (_ip, _port, kind), (earlier, current) in self._peer_bytes.items():
             totals[kind] += earlier + current
         totals["unattributed"] = max(0, self._payload_downloaded - sum(totals.values()))
         return totals
 
-    def bytes_by_ip(self) -> dict[str, int]:
+    def bytes_by_ip(self, *, refresh: bool = True) -> dict[str, int]:
         """Payload bytes received so far from BitTorrent peers, by peer IP (web seeds excluded)."""
-        self._refresh_peer_bytes()
+        if refresh:
+            self._refresh_peer_bytes()
         totals: dict[str, int] = {}
         for (ip, _port, kind), (earlier, current) in self._peer_bytes.items():
             if kind == "peer":
