@@ -167,6 +167,13 @@ class StateDir:
     def current(self) -> ImageRef | None:
         return ImageRef.from_json(self.status().get("current"))
 
+    def report(self) -> dict[str, Any]:
+        """The status plus the pending operation, as `imageswarm agent status --json` prints it."""
+        status = self.status()
+        pending = self.journal()
+        status["pending"] = pending.to_json() if pending else None
+        return status
+
     def previous(self) -> ImageRef | None:
         return ImageRef.from_json(self.status().get("previous"))
 

@@ -2,8 +2,8 @@
 
 The agent runs as a subprocess (`imageswarm agent ... --json`) in the daemon's own mount
 namespace, so a crash of either never takes the other down; its state dir is the truth about
-the root, read with `agent status --json`. This module knows the agent's command line and the
-shape of its JSON reports; nodeagent.py decides when to run it.
+the root, read in-process the way `agent status --json` reads it. This module knows the agent's
+command line and the shape of its JSON reports; nodeagent.py decides when to run it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from imageswarm.agent.errors import ImageSwarmError
+from imageswarm.agent.journal import StateDir
 from imageswarm.daemon.config import Config
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ class AgentRun:
 
 
 class AgentCli:
-    """Runs `imageswarm agent` for this node's root and keeps the last `agent status` it saw."""
+    """Runs `imageswarm agent` for this node's root and keeps the last agent status it read."""
 
     def __init__(self, config: Config, argv: Sequence[str] = DEFAULT_AGENT_ARGV) -> None:
         self.config, self.argv = config, tuple(argv)
@@ -103,12 +105,13 @@ class AgentCli:
         return AgentRun(code, report, error[:DETAIL_MAX])
 
     async def refresh(self) -> dict[str, Any]:
-        """Run `agent status --json`; on failure keep what was known and say so in the log."""
-        run = await self.run("status", "--json")
-        if run.code == 0 and isinstance(run.report, dict):
-            self.status = run.report
-        else:
-            log.warning("agent status failed: %s", run.error or "no JSON report")
+        """Read the agent's state dir (what `agent status --json` prints) in-process: polled
+        every second during an apply, a subprocess each time cost about 0.6 s of a core. On
+        failure keep what was known and say so in the log."""
+        try:
+            self.status = await asyncio.to_thread(StateDir(self.config.agent_state_dir).report)
+        except (ImageSwarmError, OSError) as exc:
+            log.warning("reading the agent's state failed: %s", exc)
         return self.status
 
     @property

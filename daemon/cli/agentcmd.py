@@ -230,10 +230,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    state = StateDir(args.state_dir)
-    status = state.status()
-    pending = state.journal()
-    status["pending"] = pending.to_json() if pending else None
+    status = StateDir(args.state_dir).report()
+    pending = status["pending"]
     text = [
         f"current:  {(status.get('current') or {}).get('image_id', '-')}",
         f"previous: {(status.get('previous') or {}).get('image_id', '-')}",
@@ -241,7 +239,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("reboot_held"):
         text.append("reboot held: run `imageswarm agent reboot` to reboot into the new kernel")
     if pending:
-        text.append(f"PENDING: {pending.kind} of {pending.image.image_id} at {pending.phase}")
+        phase = pending["phases"][-1]["name"] if pending["phases"] else "-"
+        text.append(f"PENDING: {pending['kind']} of {pending['image']['image_id']} at {phase}")
     if status.get("last"):
         text.append("last: " + _op_text(status["last"]))
     _print(status, args.json, "\n".join(text))
