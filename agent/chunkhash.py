@@ -16,20 +16,41 @@ MAX_CHUNK = 256 * 1024
 _ZERO_LEAF = bytes(32)
 
 
+def merkle_root(layer: list[bytes], pad: bytes = _ZERO_LEAF) -> bytes:
+    """Return the root of a BEP 52 merkle tree over `layer`, padded to a power of two with `pad`.
+
+    `pad` is the hash that stands for a missing node at this layer: a zero leaf for the block
+    layer, or the root of a subtree of zero leaves for the piece layer (see `pad_root`).
+    """
+    if not layer:
+        raise ValueError("a merkle tree needs at least one node")
+    width = 1
+    while width < len(layer):
+        width *= 2
+    layer = [*layer, *([pad] * (width - len(layer)))]
+    while len(layer) > 1:
+        layer = [hashlib.sha256(layer[i] + layer[i + 1]).digest() for i in range(0, len(layer), 2)]
+    return layer[0]
+
+
+def pad_root(leaves: int) -> bytes:
+    """Root of a subtree of `leaves` (a power of two) zero leaves: the piece layer's padding."""
+    return merkle_root([_ZERO_LEAF] * leaves)
+
+
+def block_hashes(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """SHA-256 of each 16 KiB block of `data` (the last one may be shorter): the leaf layer."""
+    view = memoryview(data)
+    return [hashlib.sha256(view[i : i + BLOCK]).digest() for i in range(0, len(view), BLOCK)]
+
+
 def pieces_root(data: bytes | bytearray | memoryview) -> bytes:
     """Return the 32-byte BEP 52 merkle root of `data` (1 byte to MAX_CHUNK bytes)."""
     view = memoryview(data)
     size = len(view)
     if not 0 < size <= MAX_CHUNK:
         raise ValueError(f"chunk length {size} is outside 1..{MAX_CHUNK}")
-    layer = [hashlib.sha256(view[i : i + BLOCK]).digest() for i in range(0, size, BLOCK)]
-    width = 1
-    while width < len(layer):
-        width *= 2
-    layer.extend([_ZERO_LEAF] * (width - len(layer)))
-    while len(layer) > 1:
-        layer = [hashlib.sha256(layer[i] + layer[i + 1]).digest() for i in range(0, len(layer), 2)]
-    return layer[0]
+    return merkle_root(block_hashes(view))
 
 
 def chunk_name(data: bytes | bytearray | memoryview) -> str:

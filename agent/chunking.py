@@ -7,8 +7,10 @@ Cut points come from three places, in this order of precedence:
 3. FastCDC 2020 inside what is left (min/avg/max 16/64/256 KiB).
 
 Segments shorter than the minimum chunk are merged into their neighbour so that a tree of tiny
-files does not flood the torrent with tiny pieces. The whole-image SHA-256 is computed on a
-worker thread from the same mapped pages while the main thread cuts and names chunks.
+files does not flood the torrent with tiny pieces. The whole-image SHA-256 and the image's
+BEP 52 leaf layer (SHA-256 of every 16 KiB block, for the single-file image torrent) are
+computed on a worker thread from the same mapped pages while the main thread cuts and names
+chunks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from types import TracebackType
 
 from pyfastcdc import FastCDC
 
-from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
+from imageswarm.agent.chunkhash import BLOCK, MAX_CHUNK, block_hashes, pieces_root
 from imageswarm.agent.extents import Extent
 
 MIN_CHUNK = 16 * 1024
@@ -122,6 +124,8 @@ class ImageReader:
             self._map = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
             self._map.madvise(mmap.MADV_SEQUENTIAL)
         self._whole = hashlib.sha256()
+        self._leaves: list[bytes] = []
+        self._leafed_to = 0  # leaf hashes cover [0, this); only the hasher thread moves it
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-sha256")
         self._pending: list[Future[None]] = []
         self._hashed_to = 0
@@ -161,8 +165,16 @@ class ImageReader:
 
     def _update(self, start: int, end: int) -> None:
         assert self._map is not None
-        with memoryview(self._map) as view, view[start:end] as part:
-            self._whole.update(part)
+        # Windows end where segments end; leaf blocks are aligned to the image, so a block
+        # that straddles a window's end is hashed with the next window.
+        leaf_end = end if end == self.size else end - end % BLOCK
+        with memoryview(self._map) as view:
+            with view[start:end] as part:
+                self._whole.update(part)
+            if leaf_end > self._leafed_to:
+                with view[self._leafed_to : leaf_end] as blocks:
+                    self._leaves.extend(block_hashes(blocks))
+                self._leafed_to = leaf_end
 
     def pieces(self, extents: Sequence[Span] | None = None) -> Iterator[Piece]:
         """Yield the image's pieces in order; holes are merged. Call once."""
@@ -207,3 +219,8 @@ class ImageReader:
                 fut.result()
             self._pending.clear()
         return self._whole.hexdigest()
+
+    def leaf_hashes(self) -> list[bytes]:
+        """SHA-256 of each 16 KiB block of the image, in order; valid after `sha256()`."""
+        assert len(self._leaves) == -(-self.size // BLOCK), "call sha256() first"
+        return self._leaves

@@ -2,9 +2,10 @@
 
 A manifest describes one image completely: its size and SHA-256, the ordered list of chunks
 that rebuild it (holes have no hash and are never stored), the kernels found in it, and the
-BitTorrent v2 info-hash of the torrent that carries its chunks. The signature covers every
-field (canonical JSON, sorted keys, no whitespace), so the info-hash, the chunk names and the
-image id are bound together by the controller's key.
+BitTorrent v2 info-hashes of its two torrents: the one that carries its unique chunks
+(`info_hash`) and the single-file one that carries the whole image (`image_info_hash`). The
+signature covers every field (canonical JSON, sorted keys, no whitespace), so the info-hashes,
+the chunk names and the image id are bound together by the controller's key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from imageswarm.agent.chunkhash import MAX_CHUNK, is_chunk_name
 from imageswarm.agent.errors import ManifestError, SignatureError
 from imageswarm.agent.keys import PublicKey, SigningKey, verify_any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: image_info_hash
 CHUNKING = "fastcdc2020:16k/64k/256k+extents+holes;name=bep52-root"
 IMAGE_FORMATS = ("raw", "tar")
 SOURCE_FORMATS = ("raw", "qcow2", "tar")
@@ -56,6 +57,7 @@ class Manifest:
     chunks: tuple[ChunkEntry, ...]
     kernels: tuple[str, ...]
     info_hash: str
+    image_info_hash: str
     chunking: str = CHUNKING
     key_id: str = ""
     signature: str = ""
@@ -76,6 +78,7 @@ class Manifest:
             "chunks": [c.to_json() for c in self.chunks],
             "kernels": list(self.kernels),
             "info_hash": self.info_hash,
+            "image_info_hash": self.image_info_hash,
             "key_id": self.key_id,
         }
 
@@ -181,6 +184,7 @@ def parse(raw: bytes) -> Manifest:
         chunks=chunks,
         kernels=tuple(kernels),
         info_hash=_hex(data, "info_hash", 64),
+        image_info_hash=_hex(data, "image_info_hash", 64),
         chunking=_need(data, "chunking", str),
         key_id=_need(data, "key_id", str),
         signature=_need(data, "signature", str),

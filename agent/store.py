@@ -2,13 +2,16 @@
 
     <root>/chunks/ab/<name>          one file per unique chunk (name = BEP 52 root, see chunkhash)
     <root>/manifests/<image_id>.json signed manifest, verbatim
-    <root>/torrents/<image_id>.torrent
-    <root>/images/<image_id>.img     an assembled, verified image (optional)
+    <root>/torrents/<image_id>.torrent        the chunk torrent (files: chunks/ab/<name>)
+    <root>/torrents/<image_id>.image.torrent  the image torrent (one file: <image_id>.img)
+    <root>/images/<image_id>.img     the assembled, verified image (the image torrent's file)
+    <root>/partial/<image_id>.img    an image torrent's download in progress
     <root>/pins.json                 {"current": id, "previous": id}: never collected
     <root>/tmp/                      work files; anything here is garbage after a crash
 
-The chunks directory doubles as the torrent's save path: a torrent named "chunks" whose files
-are chunks/ab/<name> finds the chunks a node already holds in place. Reference counts are
+The store root doubles as the chunk torrent's save path: a torrent named "chunks" whose files
+are chunks/ab/<name> finds the chunks a node already holds in place; images/ is the image
+torrent's save path once an image is held, partial/ while it downloads. Reference counts are
 derived from the manifests on disk, so they can never drift from what the store holds.
 A chunk file may be partial while libtorrent downloads it; nothing trusts a chunk by its
 presence alone: readers verify its root, writers publish it only once complete and synced.
@@ -132,7 +135,7 @@ class Store:
             except OSError as exc:
                 raise StoreError(f"cannot create store {root}: {exc.strerror}") from None
         store = cls(root)
-        for sub in ("chunks", "manifests", "torrents", "images", "tmp"):
+        for sub in ("chunks", "manifests", "torrents", "images", "partial", "tmp"):
             (root / sub).mkdir(exist_ok=True)
         return store
 
@@ -148,8 +151,19 @@ class Store:
     def torrent_path(self, image_id: str) -> Path:
         return self.root / "torrents" / f"{image_id}.torrent"
 
+    def image_torrent_path(self, image_id: str) -> Path:
+        return self.root / "torrents" / f"{image_id}.image.torrent"
+
     def image_path(self, image_id: str) -> Path:
         return self.root / "images" / f"{image_id}.img"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.root / "partial"
 
     def tmp_path(self, kind: str) -> Path:
         return self.root / "tmp" / f"{kind}-{secrets.token_hex(8)}"
@@ -192,9 +206,10 @@ class Store:
         return ChunkWriter(self)
 
     # --- manifests -------------------------------------------------------------------------
-    def save_image(self, manifest: mf.Manifest, torrent: bytes) -> None:
-        """Record an image: torrent first, manifest last (the manifest's presence is the commit)."""
+    def save_image(self, manifest: mf.Manifest, torrent: bytes, image_torrent: bytes) -> None:
+        """Record an image: torrents first, the manifest last (its presence is the commit)."""
         atomic_write(self.torrent_path(manifest.image_id), torrent)
+        atomic_write(self.image_torrent_path(manifest.image_id), image_torrent)
         atomic_write(self.manifest_path(manifest.image_id), manifest.raw)
 
     def image_ids(self) -> list[str]:
@@ -221,6 +236,12 @@ class Store:
             return self.torrent_path(image_id).read_bytes()
         except FileNotFoundError:
             raise StoreError(f"image {image_id} has no torrent in {self.root}") from None
+
+    def load_image_torrent(self, image_id: str) -> bytes:
+        try:
+            return self.image_torrent_path(image_id).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"image {image_id} has no image torrent in {self.root}") from None
 
     # --- assembly --------------------------------------------------------------------------
     def assemble(self, manifest: mf.Manifest, dest: Path | None = None) -> Path:
@@ -263,6 +284,44 @@ class Store:
         fsync_dir(dest.parent)
         return dest
 
+    def take_chunks(self, manifest: mf.Manifest, path: Path) -> None:
+        """Check a whole downloaded image file against its manifest (size and SHA-256 of what
+        is on disk, not what the torrent engine said), then store the chunks of it that the
+        store lacks, durably. On a mismatch nothing is stored. A file shorter than the image
+        is first extended with zeros: a download never writes trailing all-zero pieces.
+
+        The chunks need no hashing of their own: the file's SHA-256 is the signed manifest's,
+        so the bytes at each listed offset are the chunks the publisher named.
+        """
+        whole = hashlib.sha256()
+        # Created when missing: an image of nothing but zeros downloads no piece at all.
+        with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "rb+") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < manifest.size:  # trailing all-zero pieces are never downloaded
+                f.truncate(size := manifest.size)
+            while block := f.read(1 << 20):
+                whole.update(block)
+            if size != manifest.size or whole.hexdigest() != manifest.sha256:
+                raise ChunkCorruptError(
+                    f"downloaded image {manifest.image_id} has {size} bytes and SHA-256 "
+                    f"{whole.hexdigest()}, not {manifest.size} and {manifest.sha256} as its "
+                    "manifest says"
+                )
+            with self.writer() as writer:
+                offset = 0
+                for entry in manifest.chunks:
+                    if entry.hash is not None and not self.has_chunk(entry.hash, entry.length):
+                        writer.add(entry.hash, os.pread(f.fileno(), entry.length, offset))
+                    offset += entry.length
+            os.fsync(f.fileno())
+
+    def place_image(self, image_id: str, path: Path) -> Path:
+        """Move a verified image file to its place in the store."""
+        dest = self.image_path(image_id)
+        os.replace(path, dest)
+        fsync_dir(dest.parent)
+        return dest
+
     # --- pins, references, garbage collection ----------------------------------------------
     def pins(self) -> dict[str, str | None]:
         path = self.root / "pins.json"
@@ -296,7 +355,9 @@ class Store:
             raise StoreError(f"image {image_id} is pinned as current or previous; not removing it")
         self.manifest_path(image_id).unlink(missing_ok=True)
         self.torrent_path(image_id).unlink(missing_ok=True)
+        self.image_torrent_path(image_id).unlink(missing_ok=True)
         self.image_path(image_id).unlink(missing_ok=True)
+        (self.partial_dir / f"{image_id}.img").unlink(missing_ok=True)
 
     def gc(self, keep: Iterable[str] = ()) -> GcReport:
         """Remove every image not in `keep` or pinned, then every chunk no image uses."""

@@ -151,7 +151,8 @@ def create_app(config: Config) -> web.Application:
             yield
 
         app.cleanup_ctx.append(_webseed_ctx)
-        app.router.add_get(WebSeed.PREFIX + "/chunks/{prefix}/{name}", _webseed_handler)
+        app.router.add_get(WebSeed.PREFIX + "/chunks/{prefix}/{name}", _webseed_chunk)
+        app.router.add_get(WebSeed.PREFIX + "/{file}", _webseed_image)
     else:
         app.cleanup_ctx.append(_node_ctx)
         app.cleanup_ctx.append(_heartbeat_ctx)
@@ -160,5 +161,9 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-async def _webseed_handler(request: web.Request) -> web.StreamResponse:
-    return await request.app[K.WEBSEED].handle(request)
+async def _webseed_chunk(request: web.Request) -> web.StreamResponse:
+    return await request.app[K.WEBSEED].handle_chunk(request)
+
+
+async def _webseed_image(request: web.Request) -> web.StreamResponse:
+    return await request.app[K.WEBSEED].handle_image(request)

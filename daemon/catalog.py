@@ -1,4 +1,5 @@
-"""The controller's image catalog: publishes into its store and seeds every image it holds."""
+"""The controller's image catalog: publishes into its store and seeds every image it holds,
+through both of its torrents (the chunk torrent and the single-file image torrent)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,15 @@ class Catalog:
             await self._seed(self.store.load_manifest(image_id))
 
     async def _seed(self, manifest: Manifest) -> None:
-        self.tracker.allow(manifest.info_hash)
-        torrent = self.store.load_torrent(manifest.image_id)
-        await self.swarm.add(torrent, self.store.root, seed=True, trackers=[self.announce_url])
+        image_id, trackers = manifest.image_id, [self.announce_url]
+        if not self.store.image_path(image_id).is_file():  # e.g. removed by hand: rebuild it
+            await asyncio.to_thread(self.store.assemble, manifest)
+        for info_hash in (manifest.info_hash, manifest.image_info_hash):
+            self.tracker.allow(info_hash)
+        torrent = self.store.load_torrent(image_id)
+        await self.swarm.add(torrent, self.store.root, seed=True, trackers=trackers)
+        image_torrent = self.store.load_image_torrent(image_id)
+        await self.swarm.add(image_torrent, self.store.images_dir, seed=True, trackers=trackers)
 
     async def publish(self, source: Path, name: str) -> PublishResult:
         async with self._lock:
@@ -72,10 +79,11 @@ class Catalog:
                 if reason is not None:
                     raise Conflict(f"image {image_id} is in use: {reason}")
             self.store.remove_image(image_id)  # the manifest goes first: nothing can target it now
-            self.tracker.forget(manifest.info_hash)
-            download = self.swarm.downloads.get(manifest.info_hash)
-            if download is not None:
-                await download.remove()
+            for info_hash in (manifest.info_hash, manifest.image_info_hash):
+                self.tracker.forget(info_hash)
+                download = self.swarm.downloads.get(info_hash)
+                if download is not None:
+                    await download.remove()
             await asyncio.to_thread(self._remove_unused_chunks, manifest)
         log.info("deleted image %s (%s)", image_id, manifest.name)
         return manifest

@@ -1,10 +1,19 @@
-"""Fetching an image on a node: signed manifest -> swarm download -> flush -> verified assembly.
+"""Fetching an image on a node: signed manifest -> swarm download -> flush -> verified image.
+
+Each image travels in two torrents (daemon/swarm/torrent.py), and a node picks one:
+- **chunks** when it already holds most of the image's chunks (an earlier version): only the
+  chunks it lacks move, straight into its store; then it rebuilds the image from the store.
+- **image** when it holds little of it: the single-file torrent of the whole image, which
+  libtorrent moves several times faster than thousands of chunk files; pieces that are all
+  zeros are never requested. The file is then cut into the store (so the next version can
+  come as a delta).
 
 libtorrent's "finished" is never trusted alone: once it fires, the node flushes the torrent's
-cache and rebuilds the image from what is on disk, hashing every chunk and the whole image. A
-chunk that fails is deleted and re-downloaded (bounded). Only then is the manifest committed to
-the store, so a crash at any point leaves no half-held image behind. The controller's web seed
-is added only when peers stall, so the controller sends little more than one copy per swarm.
+cache and hashes what is on disk (every chunk and the whole image, or the whole image file).
+What fails is fetched again (bounded). Only then is the manifest committed to the store, so a
+crash at any point leaves no half-held image behind. Once held, the node seeds the image in
+both torrents. The controller's web seed is added only when peers stall, so the controller
+sends little more than one copy per swarm.
 """
 
 from __future__ import annotations
@@ -23,10 +32,20 @@ from imageswarm.daemon.client import ApiClient
 from imageswarm.daemon.config import Config
 from imageswarm.daemon.errors import ControllerError, NotFound
 from imageswarm.daemon.swarm.session import Download, Swarm
-from imageswarm.daemon.swarm.torrent import TorrentFile, check_torrent, info_hash_v2
+from imageswarm.daemon.swarm.torrent import (
+    TorrentFile,
+    check_image_torrent,
+    check_torrent,
+    hole_pieces,
+    image_file_name,
+    info_hash_v2,
+)
 
 log = logging.getLogger(__name__)
 _RETRIES = 3
+#: Fetch the whole image instead of chunks when the store lacks more than this share of its
+#: chunk bytes: below it, the delta is small and the chunk torrent's per-file cost is harmless.
+WHOLE_IMAGE_ABOVE = 0.5
 
 
 @dataclass
@@ -34,10 +53,12 @@ class FetchState:
     image_id: str
     state: str = "queued"  # queued, resolving, downloading, verifying, done, failed
     error: str | None = None
+    torrent: str | None = None  # which torrent carries it: "chunks" (delta) or "image" (whole)
     name: str | None = None
     size: int = 0
     total_bytes: int = 0  # bytes of unique chunks the image needs
     done_bytes: int = 0
+    received_bytes: int = 0  # payload libtorrent received, redundant blocks included
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     hash_failures: int = 0
     web_seed_used: bool = False
@@ -68,9 +89,21 @@ class FetchManager:
                 self.store.load_torrent(image_id), self.store.root, trackers=[self._announce()]
             )
             self._downloads[image_id] = dl
+            if not self.store.image_path(image_id).is_file():
+                await asyncio.to_thread(self.store.assemble, manifest)
+            await self._seed_image(image_id)
             self.states[image_id] = FetchState(
                 image_id, "done", name=manifest.name, size=manifest.size, finished=time.time()
             )
+
+    async def _seed_image(self, image_id: str) -> None:
+        """Seed a held image's image torrent from its verified file."""
+        await self.swarm.add(
+            self.store.load_image_torrent(image_id),
+            self.store.images_dir,
+            seed=True,
+            trackers=[self._announce()],
+        )
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -102,6 +135,9 @@ class FetchManager:
     def _refresh(self, st: FetchState, dl: Download) -> None:
         status = dl.status()  # one sample of the torrent and its peers serves all three reads
         st.done_bytes = status.total_done
+        st.received_bytes = status.total_payload_download
+        if st.torrent == "image":
+            st.total_bytes = status.total_wanted
         st.hash_failures = dl.hash_failures
         by_source = dl.bytes_by_source(refresh=False)
         controller = dl.bytes_by_ip(refresh=False).get(self.controller_host, 0)
@@ -133,8 +169,10 @@ class FetchManager:
         st.state = "resolving"
         async with ApiClient(self.controller_url, timeout=30) as api:
             try:
-                raw = await api.get_bytes(f"/api/v1/images/{st.image_id}/manifest")
-                torrent = await api.get_bytes(f"/api/v1/images/{st.image_id}/torrent")
+                base = f"/api/v1/images/{st.image_id}"
+                raw = await api.get_bytes(f"{base}/manifest")
+                torrent = await api.get_bytes(f"{base}/torrent")
+                image_torrent = await api.get_bytes(f"{base}/image-torrent")
             except ControllerError as exc:
                 if exc.status == 404:
                     raise NotFound(f"the controller has no image {st.image_id}") from None
@@ -146,10 +184,32 @@ class FetchManager:
         check_torrent(torrent, [TorrentFile(h, n, bytes.fromhex(h)) for h, n in chunks.items()])
         if info_hash_v2(torrent) != manifest.info_hash:
             raise ManifestError("torrent info-hash does not match the signed manifest")
+        check_image_torrent(
+            image_torrent, manifest.image_id, manifest.size, manifest.image_info_hash
+        )
         st.name, st.size, st.total_bytes = manifest.name, manifest.size, manifest.stored_bytes
-        missing = self.store.missing(manifest)
-        st.bytes_by_source = {"local": st.total_bytes - sum(missing.values())}
+        missing = sum(self.store.missing(manifest).values())
+        st.bytes_by_source = {"local": st.total_bytes - missing}
         st.state = "downloading"
+        if missing > WHOLE_IMAGE_ABOVE * manifest.stored_bytes:
+            st.torrent, st.bytes_by_source = "image", {"local": 0}
+            await self._fetch_image(st, manifest, image_torrent)
+            dl = await self.swarm.add(
+                torrent, self.store.root, seed=True, trackers=[self._announce()]
+            )
+            self._downloads[st.image_id] = dl
+        else:
+            st.torrent = "chunks"
+            await self._fetch_chunks(st, manifest, torrent)
+        self.store.save_image(manifest, torrent, image_torrent)
+        await self._seed_image(st.image_id)
+        st.state = "done"
+        log.info(
+            "%s fetched (%s torrent) and verified: %s", st.image_id, st.torrent, st.bytes_by_source
+        )
+
+    async def _fetch_chunks(self, st: FetchState, manifest: mf.Manifest, torrent: bytes) -> None:
+        """Download the chunks the store lacks into it, then rebuild and check the image."""
         dl = await self.swarm.add(torrent, self.store.root, trackers=[self._announce()])
         self._downloads[st.image_id] = dl
         for attempt in range(_RETRIES + 1):
@@ -171,9 +231,30 @@ class FetchManager:
                 await dl.recheck()
                 st.state = "downloading"
         self._refresh(st, dl)
-        self.store.save_image(manifest, torrent)
-        st.state = "done"
-        log.info("%s fetched and verified: %s", st.image_id, st.bytes_by_source)
+
+    async def _fetch_image(self, st: FetchState, manifest: mf.Manifest, torrent: bytes) -> None:
+        """Download the whole image file, check it, cut it into the store and put it in place."""
+        skip = hole_pieces([(c.hash, c.length) for c in manifest.chunks], manifest.size)
+        partial = self.store.partial_dir
+        dl = await self.swarm.add(torrent, partial, trackers=[self._announce()], skip_pieces=skip)
+        self._downloads[st.image_id] = dl
+        path = partial / image_file_name(st.image_id)
+        for attempt in range(_RETRIES + 1):
+            await self._download(st, dl)
+            st.state = "verifying"
+            await dl.flush()
+            try:
+                await asyncio.to_thread(self.store.take_chunks, manifest, path)
+                break
+            except ChunkCorruptError as exc:
+                log.warning("%s: %s; checking every piece again", st.image_id, exc)
+                if attempt == _RETRIES:
+                    raise
+                await dl.recheck()
+                st.state = "downloading"
+        self._refresh(st, dl)
+        await dl.remove()  # the file moves to images/, where its seed is added again
+        self.store.place_image(st.image_id, path)
 
     async def _download(self, st: FetchState, dl: Download) -> None:
         finished = asyncio.ensure_future(dl.finished())

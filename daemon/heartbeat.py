@@ -131,6 +131,7 @@ class HeartbeatLoop:
             "bytes_by_source": {s: st.bytes_by_source.get(s, 0) for s in SOURCES},
             "duration": round(data["duration"], 3),
             "error": st.error,
+            "torrent": st.torrent,
         }
 
     def status_json(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class FetchReport:
     bytes_by_source: Mapping[str, int]
     duration: float | None
     error: str | None
+    torrent: str | None = None  # "chunks" (a delta) or "image" (the whole image)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def _fetch(f: Fields) -> FetchReport:
         by_source,
         f.number("duration"),
         f.opt_text("error"),
+        f.opt_text("torrent", limit=16),
     )
 
 

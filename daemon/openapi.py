@@ -115,6 +115,7 @@ def _manifest_fields() -> dict[str, Schema]:
         "chunking": STR,
         "kernels": {"type": "array", "items": STR},
         "info_hash": STR,
+        "image_info_hash": STR,
         "key_id": STR,
     }
 
@@ -155,6 +156,12 @@ def _node_schemas() -> dict[str, Schema]:
             },
             "duration": {"type": "number", "description": "seconds since the fetch started"},
             "error": nullable(STR),
+            "torrent": {
+                "type": "string",
+                "nullable": True,
+                "enum": ["chunks", "image", None],
+                "description": "chunks: a delta into the store; image: the whole image file",
+            },
         },
         ["state", "done_bytes", "total_bytes"],
     )
@@ -473,7 +480,17 @@ def _paths() -> dict[str, Schema]:
             "parameters": image,
             "get": op_(
                 "getTorrent",
-                "The image's BitTorrent v2 torrent",
+                "The image's chunk torrent (v2, one file per unique chunk: for delta fetches)",
+                "images",
+                {200: _content("application/x-bittorrent", BINARY, "bencoded torrent")},
+                (400, 404),
+            ),
+        },
+        "/api/v1/images/{image_id}/image-torrent": {
+            "parameters": image,
+            "get": op_(
+                "getImageTorrent",
+                "The image torrent (v2, one file: the whole image; for fetches from scratch)",
                 "images",
                 {200: _content("application/x-bittorrent", BINARY, "bencoded torrent")},
                 (400, 404),

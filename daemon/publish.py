@@ -1,12 +1,16 @@
-"""Publishing: image file -> chunks in the store + signed manifest + v2 torrent, in one read.
+"""Publishing: image file -> chunks + image copy in the store, signed manifest, two v2
+torrents, all in one read.
 
 Used by the controller's REST API and by `imageswarm image publish --store` on build hosts.
+The same pass stores the new chunks, writes a sparse copy of the image (the image torrent's
+file, which the controller seeds) and hashes the image's 16 KiB blocks for that torrent.
 A failed publish removes every chunk it added, so the store is left as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,10 +19,16 @@ from pathlib import Path
 from imageswarm.agent import imagefile
 from imageswarm.agent.chunking import ImageReader, Span
 from imageswarm.agent.errors import InvalidInputError
+from imageswarm.agent.fsutil import fsync_dir, write_all
 from imageswarm.agent.keys import SigningKey
 from imageswarm.agent.manifest import ChunkEntry, Manifest, image_id_for
 from imageswarm.agent.store import Store
-from imageswarm.daemon.swarm.torrent import TorrentFile, build_torrent, info_hash_v2
+from imageswarm.daemon.swarm.torrent import (
+    TorrentFile,
+    build_image_torrent,
+    build_torrent,
+    info_hash_v2,
+)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -60,6 +70,9 @@ def publish(
         raw, fmt = work, "raw"
         imagefile.detect_format(raw)  # a qcow2 holding no filesystem is refused here too
     writer = store.writer()
+    copy = store.tmp_path("image")
+    copy_fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    placed: Path | None = None  # the image copy, once moved into place
     try:
         extents = _extents(raw, fmt)
         kernels = imagefile.kernel_releases(raw, fmt)
@@ -70,6 +83,8 @@ def publish(
                 entries.append(ChunkEntry(piece.name, piece.length))
                 if piece.name is not None and piece.data is not None:
                     writer.add(piece.name, piece.data)
+                    os.lseek(copy_fd, piece.offset, os.SEEK_SET)  # holes stay unwritten
+                    write_all(copy_fd, piece.data)
                     files.setdefault(
                         piece.name, TorrentFile(piece.name, piece.length, bytes.fromhex(piece.name))
                     )
@@ -77,12 +92,19 @@ def publish(
                     progress(piece.offset + piece.length, reader.size)
             sha256 = reader.sha256()
             size = reader.size
+            leaves = reader.leaf_hashes()
         image_id = image_id_for(sha256)
         if store.has_image(image_id):
             writer.abort()
             return PublishResult(store.load_manifest(image_id), 0, 0, existed=True)
-        writer.commit()
+        writer.commit()  # its syncfs also writes out the image copy
+        os.ftruncate(copy_fd, size)
+        os.fsync(copy_fd)
+        placed = store.image_path(image_id)
+        os.replace(copy, placed)
+        fsync_dir(store.images_dir)
         torrent = build_torrent(list(files.values()), comment=f"imageswarm {name}")
+        image_torrent = build_image_torrent(image_id, size, leaves)
         manifest = Manifest(
             image_id=image_id,
             name=name,
@@ -94,12 +116,17 @@ def publish(
             chunks=_merge_holes(entries),
             kernels=tuple(kernels),
             info_hash=info_hash_v2(torrent),
+            image_info_hash=info_hash_v2(image_torrent),
         ).signed(key)
-        store.save_image(manifest, torrent)
+        store.save_image(manifest, torrent, image_torrent)
     except BaseException:
         writer.abort()
+        if placed is not None:
+            placed.unlink(missing_ok=True)
         raise
     finally:
+        os.close(copy_fd)
+        copy.unlink(missing_ok=True)
         if work is not None:
             work.unlink(missing_ok=True)
     log.info(

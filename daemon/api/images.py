@@ -1,4 +1,4 @@
-"""Controller image API: publish (upload), list, show, delete, the signed manifest and torrent."""
+"""Controller image API: publish (upload), list, show, delete, the signed manifest, torrents."""
 
 from __future__ import annotations
 
@@ -99,4 +99,12 @@ async def get_torrent(request: web.Request) -> web.Response:
     image_id = valid_image_id(request.match_info["image_id"])
     request.app[CATALOG].manifest(image_id)
     body = request.app[STORE].load_torrent(image_id)
+    return web.Response(body=body, content_type="application/x-bittorrent")
+
+
+@routes.get("/api/v1/images/{image_id}/image-torrent")
+async def get_image_torrent(request: web.Request) -> web.Response:
+    image_id = valid_image_id(request.match_info["image_id"])
+    request.app[CATALOG].manifest(image_id)
+    body = request.app[STORE].load_image_torrent(image_id)
     return web.Response(body=body, content_type="application/x-bittorrent")

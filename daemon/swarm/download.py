@@ -2,8 +2,9 @@
 
 The swarm's alert pump resolves a download's milestones (``checked``, ``finished``, removal,
 deletion, cache flushes) by calling ``_on_event``, so callers await instead of polling.
-libtorrent counts bytes per connection and forgets them on disconnect, so a download also
-samples its connections and banks what they received, by peer and by kind of source.
+Bytes by source come from sampling libtorrent's per-peer counters (``status`` does, and the
+swarm every ``peer_stats_interval``): see ``_sample`` for how they are read without counting a
+reconnecting peer twice.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class Download:
         save_path: Path,
         trackers: Sequence[str],
         web_seeds: Sequence[str],
+        skip_pieces: Sequence[int] = (),
     ) -> None:
         self.info_hash: Final = info_hash
         self.events: list[DownloadEvent] = []
@@ -113,6 +115,7 @@ class Download:
         self._save_path = save_path
         self._trackers = list(trackers)
         self._web_seeds = list(web_seeds)
+        self._skip_pieces = tuple(skip_pieces)
         self._handle: lt.torrent_handle | None = None
         self._attached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._readded: asyncio.Future[None] | None = None  # while recheck() swaps the torrent
@@ -121,8 +124,8 @@ class Download:
         self._removed = _Milestone()
         self._deleted = _Milestone()
         self._flushes: list[asyncio.Future[None]] = []
-        # (ip, port, kind) -> (bytes of earlier connections, bytes of the current one)
-        self._peer_bytes: dict[tuple[str, int, str], tuple[int, int]] = {}
+        # (peer ip, kind) -> (bytes banked from counters that were reset, last counter value)
+        self._peer_bytes: dict[tuple[str, str], tuple[int, int]] = {}
         # Payload totals: of the torrent's earlier incarnations (see recheck), and in all.
         self._base_down = self._base_up = 0
         self._payload_downloaded = 0
@@ -157,7 +160,8 @@ class Download:
         st = self._sample(handle)
         self._base_down += int(st.total_payload_download)
         self._base_up += int(st.total_payload_upload)
-        self._peer_bytes = {k: (earlier + now, 0) for k, (earlier, now) in self._peer_bytes.items()}
+        # The re-added torrent starts every peer's counter from zero: bank what they sent.
+        self._peer_bytes = {k: (banked + last, 0) for k, (banked, last) in self._peer_bytes.items()}
         self._readded = asyncio.get_running_loop().create_future()
         try:
             self._swarm._remove(handle, delete_files=False)
@@ -210,24 +214,24 @@ class Download:
         self._live_handle().connect_peer((host, port))
 
     def add_web_seed(self, url: str) -> None:
-        """Add an HTTP seed serving a store: ``url`` + ``chunks/ab/<hash>`` is a chunk."""
+        """Add an HTTP seed: ``url`` + the torrent's path of a file serves that file
+        (``chunks/ab/<hash>`` for a chunk torrent, ``<image_id>.img`` for an image torrent)."""
         self._live_handle().add_url_seed(url)
         self._web_seeds.append(url)
 
     def bytes_by_source(self, *, refresh: bool = True) -> dict[str, int]:
         """Payload bytes received so far by kind of source: "peer", "web_seed" and "unattributed".
 
-        libtorrent counts bytes per connection and forgets them on disconnect, so connections
-        are sampled (here, in ``status`` and every ``peer_stats_interval``); "unattributed" is
-        what connections received after their last sample, e.g. peers that left the moment the
-        download finished. The three add up to the torrent's payload download. With
+        "unattributed" is what libtorrent counted for the torrent beyond the last sample of its
+        peers, e.g. from peers that left the moment the download finished. The three add up to
+        the torrent's payload download, redundant blocks (the endgame) included. With
         ``refresh=False`` the last sample is used (e.g. the one ``status()`` just took).
         """
         if refresh:
             self._refresh_peer_bytes()
         totals = {"peer": 0, "web_seed": 0}
-        for (_ip, _port, kind), (earlier, current) in self._peer_bytes.items():
-            totals[kind] += earlier + current
+        for (_ip, kind), (banked, last) in self._peer_bytes.items():
+            totals[kind] += banked + last
         totals["unattributed"] = max(0, self._payload_downloaded - sum(totals.values()))
         return totals
 
@@ -235,11 +239,11 @@ class Download:
         """Payload bytes received so far from BitTorrent peers, by peer IP (web seeds excluded)."""
         if refresh:
             self._refresh_peer_bytes()
-        totals: dict[str, int] = {}
-        for (ip, _port, kind), (earlier, current) in self._peer_bytes.items():
-            if kind == "peer":
-                totals[ip] = totals.get(ip, 0) + earlier + current
-        return totals
+        return {
+            ip: banked + last
+            for (ip, kind), (banked, last) in self._peer_bytes.items()
+            if kind == "peer"
+        }
 
     # Internals, called by the swarm
 
@@ -280,17 +284,29 @@ class Download:
             self._sample(handle)
 
     def _sample(self, handle: lt.torrent_handle) -> lt.torrent_status:
-        """Bank what each connection received so far; return the status read alongside."""
+        """Record what each peer sent so far; return the torrent status read alongside.
+
+        libtorrent keeps one entry per peer IP (one connection per IP is allowed) and carries
+        its byte count over from one connection to the next, so a peer's counter only grows,
+        even while a closing connection and its successor are both listed (the larger one is
+        current). A counter that falls to under half its last value belongs to a fresh entry
+        (libtorrent dropped the old one): the old count is banked. (Carrying over rounds down
+        to whole KiB, which is why a small drop is not a reset.)
+        """
         st = handle.status(0)  # 0: none of the costly optional fields
         self._payload_downloaded = self._base_down + int(st.total_payload_download)
+        now: dict[tuple[str, str], int] = {}
         for p in handle.get_peer_info():
             web = p.connection_type in (lt.peer_info.web_seed, lt.peer_info.http_seed)
-            key = (str(p.ip[0]), int(p.ip[1]), "web_seed" if web else "peer")
-            earlier, current = self._peer_bytes.get(key, (0, 0))
-            now = int(p.total_download)
-            if now < current:  # a new connection from the same endpoint: bank the old one
-                earlier += current
-            self._peer_bytes[key] = (earlier, now)
+            key = (str(p.ip[0]), "web_seed" if web else "peer")
+            now[key] = max(now.get(key, 0), int(p.total_download))
+        for key, total in now.items():
+            banked, last = self._peer_bytes.get(key, (0, 0))
+            if total < last // 2:
+                banked += last
+            elif total < last:
+                total = last
+            self._peer_bytes[key] = (banked, total)
         return st
 
     def _record(self, event: DownloadEvent) -> None:

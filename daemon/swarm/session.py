@@ -149,18 +149,20 @@ class Swarm:
         seed: bool = False,
         trackers: Sequence[str] = (),
         web_seeds: Sequence[str] = (),
+        skip_pieces: Sequence[int] = (),
     ) -> Download:
         """Add a torrent (idempotent: an info-hash already present returns its Download).
 
         ``seed`` skips the check of the files against the torrent: only for a caller that has
-        just written and verified them (the publisher).
+        written and verified them (the publisher, or a node that has checked the image's
+        SHA-256). ``skip_pieces`` are never requested (e.g. pieces that are all zeros).
         """
         info_hash = info_hash_v2(torrent)
         existing = self._downloads.get(info_hash)
         if existing is not None:
             await asyncio.shield(existing._attached)
             return existing
-        download = Download(self, info_hash, save_path, trackers, web_seeds)
+        download = Download(self, info_hash, save_path, trackers, web_seeds, skip_pieces)
         self._downloads[info_hash] = download
         try:
             try:
@@ -255,6 +257,12 @@ class Swarm:
         params.flags = _TORRENT_FLAGS | (lt.torrent_flags.seed_mode if seed else 0)
         params.trackers = download._trackers
         params.url_seeds = download._web_seeds
+        if download._skip_pieces and not seed:
+            assert download._info is not None
+            priorities = [4] * download._info.num_pieces()  # 4: libtorrent's default priority
+            for index in download._skip_pieces:
+                priorities[index] = 0
+            params.piece_priorities = priorities
         session = self._live
         try:
             return await asyncio.get_running_loop().run_in_executor(

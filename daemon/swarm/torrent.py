@@ -1,11 +1,21 @@
-"""The one place that knows the image torrent layout.
+"""The one place that knows the layout of an image's two torrents.
 
-An image's torrent is a private, BitTorrent v2-only torrent named ``chunks`` whose files are the
-image's unique chunks at ``chunks/<hash[:2]>/<hash>``, exactly the chunk store's layout, so a node
-adds it with ``save_path`` = its store root and already-held chunks count as "have" in place.
-Every chunk is at most one piece long, so each file is exactly one piece and the torrent needs no
-piece layers: a file's BEP 52 "pieces root" is the merkle root over its 16 KiB blocks, computed
-here while the image is chunked instead of re-reading the chunk files with libtorrent.
+Every image is carried by two private, BitTorrent v2-only torrents with 256 KiB pieces:
+
+- The **chunk torrent**, named ``chunks``, whose files are the image's unique chunks at
+  ``chunks/<hash[:2]>/<hash>``, exactly the chunk store's layout: a node that holds an earlier
+  image adds it with ``save_path`` = its store root, so chunks it already holds count as "have"
+  in place and only new chunks move. Every chunk is at most one piece long, so each file is one
+  piece and the torrent needs no piece layers: a file's BEP 52 "pieces root" is the merkle root
+  over its 16 KiB blocks, which is the chunk's name.
+- The **image torrent**, one file ``<image_id>.img`` holding the whole image. libtorrent's cost
+  per request grows with the number of files in a torrent (``hash_picker::pick_hashes`` walks
+  them all), so a node that holds little of an image fetches it through this one instead: one
+  file moves bytes several times faster than thousands (docs/benchmarks.md). Pieces that lie
+  wholly in the image's holes are never requested (``hole_pieces``). Its piece layer and root are
+  built from the image's leaf hashes, computed in the same pass that cuts the chunks.
+
+Both info-hashes are in the signed manifest, so a torrent from anywhere is checked against it.
 """
 
 from __future__ import annotations
@@ -18,11 +28,13 @@ from typing import Any, cast
 
 import libtorrent as lt
 
-from imageswarm.agent.chunkhash import MAX_CHUNK
+from imageswarm.agent.chunkhash import BLOCK, MAX_CHUNK, merkle_root, pad_root
 from imageswarm.agent.errors import ManifestError
 
 PIECE_LENGTH = MAX_CHUNK  # every chunk is exactly one piece
 TORRENT_NAME = "chunks"
+_BLOCKS_PER_PIECE = PIECE_LENGTH // BLOCK
+_IMAGE_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _PREFIX_RE = re.compile(rb"[0-9a-f]{2}")
@@ -171,3 +183,90 @@ def _files_of(tree: object) -> dict[str, tuple[int, bytes]]:
                 raise ManifestError(f"The torrent gives chunk {name} no valid pieces root.")
             files[name] = (length, root)
     return files
+
+
+# The image torrent
+
+
+def image_file_name(image_id: str) -> str:
+    """The image torrent's one file (and its name), below the torrent's save path."""
+    if not _IMAGE_ID_RE.fullmatch(image_id):
+        raise ValueError(f"{image_id!r} is not an image id (16 lowercase hex digits)")
+    return f"{image_id}.img"
+
+
+def build_image_torrent(image_id: str, size: int, leaves: Sequence[bytes]) -> bytes:
+    """Return the bencoded v2-only private single-file torrent of an image of ``size`` bytes
+    whose 16 KiB blocks hash to ``leaves`` (BEP 52: the last block is hashed as it is)."""
+    if size <= 0 or len(leaves) != -(-size // BLOCK):
+        raise ValueError(f"{len(leaves)} leaf hashes do not cover an image of {size} bytes")
+    layers: dict[bytes, bytes] = {}
+    if size <= PIECE_LENGTH:
+        root = merkle_root(list(leaves))
+    else:
+        zero = bytes(32)
+        pieces = []
+        for i in range(0, len(leaves), _BLOCKS_PER_PIECE):
+            piece = list(leaves[i : i + _BLOCKS_PER_PIECE])
+            pieces.append(merkle_root(piece + [zero] * (_BLOCKS_PER_PIECE - len(piece))))
+        root = merkle_root(pieces, pad_root(_BLOCKS_PER_PIECE))
+        layers[root] = b"".join(pieces)
+    name = image_file_name(image_id).encode()
+    info: dict[bytes, Any] = {
+        b"name": name,
+        b"piece length": PIECE_LENGTH,
+        b"meta version": 2,
+        b"file tree": {name: {b"": {b"length": size, b"pieces root": root}}},
+        b"private": 1,
+    }
+    torrent: dict[bytes, Any] = {b"info": info, b"piece layers": layers}
+    encoded: bytes = lt.bencode(torrent)
+    return encoded
+
+
+def check_image_torrent(torrent: bytes, image_id: str, size: int, info_hash: str) -> None:
+    """Raise ManifestError unless ``torrent`` is the image torrent a signed manifest describes.
+
+    The info-hash binds the info dictionary to the manifest; libtorrent then checks that the
+    piece layer hashes up to the file's pieces root (refusing the torrent otherwise).
+    """
+    decoded = _decode(torrent)
+    if hashlib.sha256(lt.bencode(decoded[b"info"])).hexdigest() != info_hash:
+        raise ManifestError("The image torrent's info-hash does not match the signed manifest.")
+    info: dict[bytes, Any] = decoded[b"info"]
+    name = image_file_name(image_id).encode()
+    tree = info.get(b"file tree")
+    leaf = tree.get(name, {}).get(b"", {}) if isinstance(tree, dict) and len(tree) == 1 else {}
+    if (
+        info.get(b"meta version") != 2
+        or b"pieces" in info
+        or info.get(b"private") != 1
+        or info.get(b"piece length") != PIECE_LENGTH
+        or info.get(b"name") != name
+        or not isinstance(leaf, dict)
+        or leaf.get(b"length") != size
+    ):
+        raise ManifestError(
+            f"The image torrent is not a private v2 torrent of one {size}-byte file."
+        )
+    try:
+        lt.torrent_info(torrent)  # refuses a piece layer that does not hash to the root
+    except RuntimeError as err:
+        raise ManifestError(f"libtorrent refuses the image torrent ({err}).") from None
+
+
+def hole_pieces(chunks: Sequence[tuple[str | None, int]], size: int) -> list[int]:
+    """Indexes of the image torrent's pieces that lie wholly in holes (chunks without a hash):
+    all zeros, so nobody needs to request them."""
+    out: list[int] = []
+    offset = 0
+    for name, length in chunks:
+        if name is None:
+            first = -(-offset // PIECE_LENGTH)
+            end = offset + length
+            for index in range(first, -(-size // PIECE_LENGTH)):
+                if min((index + 1) * PIECE_LENGTH, size) > end:
+                    break
+                out.append(index)
+        offset += length
+    return out

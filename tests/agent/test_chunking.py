@@ -8,7 +8,7 @@ import os
 import random
 from pathlib import Path
 
-from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
+from imageswarm.agent.chunkhash import MAX_CHUNK, block_hashes, pieces_root
 from imageswarm.agent.chunking import MIN_CHUNK, ImageReader, Piece, Span, segments
 
 
@@ -90,3 +90,17 @@ def test_segments_merge_tiny_files_but_never_glue_metadata_to_files() -> None:
     assert segments(size, None) == [(0, size, False)]
     assert all(b[0] == a[1] for a, b in itertools.pairwise(segs))
     assert MIN_CHUNK == 16 * 1024
+
+
+def test_leaf_hashes_cover_the_image_in_16k_blocks_whatever_the_cuts(tmp_path: Path) -> None:
+    """The image torrent's leaf layer comes from the same pass; segment ends (here extents
+    at odd 4 KiB offsets) must not shift the 16 KiB blocks."""
+    img = tmp_path / "img"
+    data = os.urandom(5 * 1024 * 1024 + 777) + bytes(300_000) + os.urandom(12_345)
+    img.write_bytes(data)
+    extents = [Span(4096 * 3, 70_000), Span(4096 * 41, 2_000_000), Span(4096 * 700, 9_000)]
+    with ImageReader(img) as reader:
+        for _ in reader.pieces(extents):
+            pass
+        assert reader.sha256() == hashlib.sha256(data).hexdigest()
+        assert reader.leaf_hashes() == block_hashes(data)

@@ -29,6 +29,7 @@ def _manifest() -> mf.Manifest:
         chunks=chunks,
         kernels=("6.1.0-test",),
         info_hash="12" * 32,
+        image_info_hash="34" * 32,
     )
 
 

@@ -41,8 +41,9 @@ def _image(
         chunks=tuple(entries),
         kernels=(),
         info_hash="00" * 32,
+        image_info_hash="01" * 32,
     ).signed(key)
-    store.save_image(manifest, b"torrent")
+    store.save_image(manifest, b"torrent", b"image torrent")
     return manifest
 
 
@@ -138,3 +139,32 @@ def test_load_manifest_checks_signature(tmp_path: Path, key: keys.SigningKey) ->
 
     with pytest.raises(SignatureError):
         store.load_manifest("img1", [other.public])
+
+
+def test_take_chunks_checks_the_whole_file_and_stores_only_what_is_missing(
+    tmp_path: Path, key: keys.SigningKey
+) -> None:
+    """A whole image downloaded by its image torrent goes into the store as chunks, but only
+    once the file on disk hashes to the manifest's SHA-256; trailing holes may be missing."""
+    source = Store.open(tmp_path / "source")
+    a, b, c = os.urandom(70_000), os.urandom(1234), os.urandom(5000)
+    manifest = _image(source, key, [a, 1 << 20, b, c, a, 300_000], "img1")
+    image = source.assemble(manifest, tmp_path / "whole.img").read_bytes()
+    node = Store.open(tmp_path / "node")
+    with node.writer() as writer:
+        writer.add(chunk_name(b), b)  # held from an earlier image
+    download = node.partial_dir / "img1.img"
+    download.write_bytes(image[: len(image) - 300_000])  # the trailing hole was never written
+    bad = bytearray(image[: len(image) - 300_000])
+    bad[100] ^= 1
+    corrupt = node.partial_dir / "bad.img"
+    corrupt.write_bytes(bytes(bad))
+    with pytest.raises(ChunkCorruptError, match="SHA-256"):
+        node.take_chunks(manifest, corrupt)
+    assert node.missing(manifest) == {chunk_name(a): len(a), chunk_name(c): len(c)}
+    node.take_chunks(manifest, download)
+    assert node.missing(manifest) == {}
+    assert node.read_chunk(chunk_name(c), len(c)) == c
+    placed = node.place_image("img1", download)
+    assert placed == node.image_path("img1") and placed.read_bytes() == image
+    assert not download.exists()

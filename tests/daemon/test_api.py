@@ -240,13 +240,14 @@ async def test_node_refuses_a_tampered_manifest(
     async def manifest_handler(request: web.Request) -> web.Response:
         return web.json_response(tampered)
 
-    async def torrent_handler(request: web.Request) -> web.Response:
-        resp = await ctl.get(f"/api/v1/images/{manifest['image_id']}/torrent")
+    async def torrent_handler(request: web.Request) -> web.Response:  # both torrents, untouched
+        kind = request.match_info["kind"]
+        resp = await ctl.get(f"/api/v1/images/{manifest['image_id']}/{kind}")
         return web.Response(body=await resp.read())
 
     evil = web.Application()
     evil.router.add_get("/api/v1/images/{id}/manifest", manifest_handler)
-    evil.router.add_get("/api/v1/images/{id}/torrent", torrent_handler)
+    evil.router.add_get("/api/v1/images/{id}/{kind:torrent|image-torrent}", torrent_handler)
     await aiohttp_server(evil, host="127.0.0.63", port=7700)
     node = await node_factory("127.0.0.64", [_controller_key(tmp_path)], "http://127.0.0.63:7700")
     store = tmp_path / "node-127.0.0.64" / "store"
@@ -275,7 +276,8 @@ async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
     m1, m2 = ids
     node = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
     await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
-    assert (await _wait(node, m1["image_id"]))["state"] == "done"
+    first = await _wait(node, m1["image_id"])
+    assert (first["state"], first["torrent"]) == ("done", "image"), first  # from scratch
     shared = {c["hash"] for c in m1["chunks"] if c["hash"]} & {
         c["hash"] for c in m2["chunks"] if c["hash"]
     }
@@ -286,7 +288,7 @@ async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
     path.write_bytes(bytes(data))
     await node.post(f"/api/v1/images/{m2['image_id']}/fetch", headers=_auth())
     state = await _wait(node, m2["image_id"])
-    assert state["state"] == "done", state
+    assert (state["state"], state["torrent"]) == ("done", "chunks"), state  # a delta
     image = tmp_path / "node-127.0.0.65" / "store" / "images" / f"{m2['image_id']}.img"
     assert image.read_bytes() == v2.read_bytes()
     await node.close()

@@ -59,6 +59,13 @@ async def test_image_spreads_over_the_swarm_and_v2_moves_only_the_delta(
     stored = sum({c["hash"]: c["length"] for c in manifest["chunks"] if c["hash"]}.values())
     for name, st in states.items():
         assert st["state"] == "done", (name, st)
+        assert st["torrent"] == "image", (name, st)  # nothing held: the whole-image torrent
+        # Sources account for every byte libtorrent received, each exactly once (a peer that
+        # reconnected used to be counted twice), and little is received twice.
+        src = st["bytes_by_source"]
+        wire = src["controller"] + src["peers"] + src["web_seed"] + src["unattributed"]
+        assert wire == st["received_bytes"], (name, st)
+        assert st["total_bytes"] <= st["received_bytes"] <= 1.1 * st["total_bytes"], (name, st)
         node = next(d for d in cluster.node_daemons if d.name == name)
         image = node.workdir / "cache/store/images" / f"{manifest['image_id']}.img"
         assert _sha256(image) == _sha256(v1)
@@ -96,6 +103,7 @@ async def test_image_spreads_over_the_swarm_and_v2_moves_only_the_delta(
     states2 = await cluster.fetch_all(manifest2["image_id"])
     for name, st in states2.items():
         assert st["state"] == "done", (name, st)
+        assert st["torrent"] == "chunks", (name, st)  # v1's chunks are held: a delta
         src = st["bytes_by_source"]
         wire = src["controller"] + src["peers"] + src["web_seed"]
         assert wire < 0.1 * manifest2["size"], (name, src)

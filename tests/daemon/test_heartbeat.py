@@ -97,7 +97,15 @@ def contract_problems(body: Any) -> list[str]:
                 problems += _keys("agent.last.phases[]", phase, {"name", "seconds", "ok"})
         if agent["drift"] is not None and "clean" not in agent["drift"]:
             problems.append(f"agent.drift is {agent['drift']!r}")
-    fetch_keys = {"state", "done_bytes", "total_bytes", "bytes_by_source", "duration", "error"}
+    fetch_keys = {
+        "state",
+        "done_bytes",
+        "total_bytes",
+        "bytes_by_source",
+        "duration",
+        "error",
+        "torrent",
+    }
     for image_id, fetch in body["fetches"].items():
         problems += _keys(f"fetches[{image_id}]", fetch, fetch_keys)
         if not problems:

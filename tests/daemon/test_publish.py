@@ -14,7 +14,7 @@ from imageswarm.agent import keys
 from imageswarm.agent.errors import ImageFormatError, InvalidInputError
 from imageswarm.agent.store import Store
 from imageswarm.daemon.publish import publish
-from imageswarm.daemon.swarm.torrent import TorrentFile, check_torrent
+from imageswarm.daemon.swarm.torrent import TorrentFile, check_image_torrent, check_torrent
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,6 +63,12 @@ def test_cli_publish_json_and_store_contents(
         [TorrentFile(h, n, bytes.fromhex(h)) for h, n in manifest.unique_chunks().items()],
     )
     assert store.assemble(manifest, tmp_path / "out.img").read_bytes() == v1.read_bytes()
+    # The image torrent's file is written in the same pass, sparse where the image has holes.
+    copy = store.image_path(manifest.image_id)
+    assert copy.read_bytes() == v1.read_bytes()
+    assert copy.stat().st_blocks * 512 < v1.stat().st_size
+    image_torrent = store.load_image_torrent(manifest.image_id)
+    check_image_torrent(image_torrent, manifest.image_id, manifest.size, manifest.image_info_hash)
     again = _cli(
         "image",
         "publish",

@@ -1,4 +1,4 @@
-"""The torrent layout: our pieces roots and torrents match what libtorrent itself computes."""
+"""The torrent layouts: our pieces roots and both torrents match what libtorrent itself computes."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from typing import Any
 import libtorrent as lt
 import pytest
 
-from imageswarm.agent.chunkhash import BLOCK, pieces_root
+from imageswarm.agent.chunkhash import BLOCK, block_hashes, pieces_root
 from imageswarm.agent.errors import ManifestError
 from imageswarm.daemon.swarm.torrent import (
     PIECE_LENGTH,
     TorrentFile,
+    build_image_torrent,
     build_torrent,
+    check_image_torrent,
     check_torrent,
     chunk_relpath,
+    hole_pieces,
+    image_file_name,
     info_hash_v2,
 )
 
@@ -151,3 +155,77 @@ def test_check_torrent_rejects_a_hybrid_torrent(tmp_path: Path, chunks: list[Tor
     lt.set_piece_hashes(creator, str(tmp_path))
     with pytest.raises(ManifestError, match="v1"):
         check_torrent(lt.bencode(creator.generate()), chunks)
+
+
+# The image torrent
+
+IMAGE_ID = "0123456789abcdef"
+IMAGE_SIZES = (
+    1,
+    BLOCK,
+    PIECE_LENGTH,
+    PIECE_LENGTH + 1,
+    5 * PIECE_LENGTH + 12345,
+    17 * PIECE_LENGTH,
+)
+
+
+def _libtorrents_image_torrent(folder: Path, data: bytes) -> dict[bytes, Any]:
+    path = folder / image_file_name(IMAGE_ID)
+    path.write_bytes(data)
+    creator = lt.create_torrent(
+        [lt.create_file_entry(path.name, len(data))], PIECE_LENGTH, lt.create_torrent.v2_only
+    )
+    creator.set_priv(True)
+    lt.set_piece_hashes(creator, str(folder))
+    generated: dict[bytes, Any] = creator.generate()
+    return generated
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_image_torrent_is_byte_for_byte_what_libtorrent_makes(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    ours = build_image_torrent(IMAGE_ID, size, block_hashes(data))
+    theirs = _libtorrents_image_torrent(tmp_path, data)
+    decoded: Any = lt.bdecode(ours)
+    assert decoded[b"info"] == theirs[b"info"]
+    assert decoded[b"piece layers"] == theirs.get(b"piece layers", {})
+    check_image_torrent(ours, IMAGE_ID, size, info_hash_v2(ours))
+
+
+def test_image_torrent_checks_refuse_what_the_manifest_does_not_describe() -> None:
+    size = 3 * PIECE_LENGTH + 7
+    leaves = block_hashes(os.urandom(size))
+    torrent = build_image_torrent(IMAGE_ID, size, leaves)
+    good = info_hash_v2(torrent)
+    with pytest.raises(ManifestError, match="info-hash"):
+        check_image_torrent(torrent, IMAGE_ID, size, "0" * 64)
+    with pytest.raises(ManifestError, match="one 999-byte file"):
+        check_image_torrent(torrent, IMAGE_ID, 999, good)
+    with pytest.raises(ManifestError, match="one"):
+        check_image_torrent(torrent, "fedcba9876543210", size, good)
+    # A piece layer that does not hash to the signed root: libtorrent refuses the torrent.
+    decoded: Any = lt.bdecode(torrent)
+    root = next(iter(decoded[b"piece layers"]))
+    decoded[b"piece layers"][root] = bytes(32) + decoded[b"piece layers"][root][32:]
+    with pytest.raises(ManifestError, match="piece layer"):
+        check_image_torrent(lt.bencode(decoded), IMAGE_ID, size, good)
+    with pytest.raises(ValueError, match="leaf hashes"):
+        build_image_torrent(IMAGE_ID, size + BLOCK, leaves)
+    with pytest.raises(ValueError, match="image id"):
+        image_file_name("../etc/passwd")
+
+
+def test_hole_pieces_are_the_pieces_wholly_inside_holes() -> None:
+    p = PIECE_LENGTH
+    size = 10 * p + 100
+    chunks: list[tuple[str | None, int]] = [
+        ("a", p // 2),  # [0, p/2): piece 0 has data
+        (None, 2 * p),  # [p/2, 2.5p): piece 1 is all hole, pieces 0 and 2 only partly
+        ("b", 3 * p + p // 2),  # [2.5p, 6p): pieces 2-5 have data
+        (None, 4 * p + 100),  # [6p, 10p + 100): pieces 6-9 and the short last piece 10
+    ]
+    assert sum(length for _, length in chunks) == size
+    assert hole_pieces(chunks, size) == [1, 6, 7, 8, 9, 10]
+    assert hole_pieces([("a", size)], size) == []
+    assert hole_pieces([(None, size)], size) == list(range(11))
