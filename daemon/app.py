@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from imageswarm.daemon.api import nodes as nodes_api
 from imageswarm.daemon.api import rollouts as rollouts_api
 from imageswarm.daemon.catalog import Catalog
 from imageswarm.daemon.config import Config
+from imageswarm.daemon.dashboard import Dashboard
 from imageswarm.daemon.db import Database
 from imageswarm.daemon.events import EventBus
 from imageswarm.daemon.fetch import FetchManager
@@ -36,6 +38,12 @@ from imageswarm.daemon.tracker import Tracker
 from imageswarm.daemon.webseed import WebSeed
 
 log = logging.getLogger(__name__)
+#: What the plain-HTTP swarm listener serves (docs/control-plane.md, "TLS"): the tracker, the
+#: web seed and each image's signed manifest and torrents. Public content whose integrity the
+#: manifest's signature guarantees; no token, secret or operator route ever travels on it.
+SWARM_ROUTES = re.compile(
+    r"/healthz|/announce|/webseed/.+|/api/v1/images/\{image_id\}/(manifest|torrent|image-torrent)"
+)
 
 
 def swarm_settings(config: Config) -> SwarmSettings:
@@ -67,7 +75,7 @@ async def _controller_ctx(app: web.Application) -> AsyncIterator[None]:
     assert config.signing_key is not None
     key = keys.load_or_create(config.signing_key)
     log.info("controller signing key %s (%s)", key.public.key_id, key.public)
-    announce = f"http://{config.api_listen}/announce"
+    announce = f"{config.swarm_url}/announce"
     catalog = Catalog(app[K.STORE], key, app[K.SWARM], app[K.TRACKER], announce)
     await catalog.start()
     app[K.CATALOG] = catalog
@@ -95,6 +103,25 @@ async def _control_plane_ctx(app: web.Application) -> AsyncIterator[None]:
         catalog.add_usage_check(engine.image_user)
         app[K.DATABASE], app[K.EVENTS], app[K.FLEET], app[K.ROLLOUTS] = db, bus, fleet, engine
         yield
+
+
+async def _swarm_http_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The controller's plain-HTTP swarm listener: its SWARM_ROUTES, the same handlers."""
+    listen = app[K.CONFIG].swarm_http_listen
+    assert listen is not None
+    swarm = web.Application(middlewares=[app[K.METRICS].middleware(), problem_middleware])
+    swarm[K.CONFIG], swarm[K.STORE] = app[K.CONFIG], app[K.STORE]
+    swarm[K.CATALOG], swarm[K.WEBSEED] = app[K.CATALOG], app[K.WEBSEED]
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if route.method == "GET" and SWARM_ROUTES.fullmatch(path):
+            swarm.router.add_get(path, route.handler)
+    runner = web.AppRunner(swarm, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, listen.host, listen.port).start()
+    log.info("swarm listener (tracker, web seed, signed images) on http://%s", listen)
+    yield
+    await runner.cleanup()
 
 
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -145,6 +172,7 @@ def create_app(config: Config) -> web.Application:
         app.router.add_routes(events_api.routes)
         app.router.add_get("/metrics", metrics_handler)
         app.router.add_get("/api/v1/openapi.json", openapi_handler)
+        Dashboard.load().add_routes(app.router)  # the operator's page at / (docs/control-plane.md)
 
         async def _webseed_ctx(app: web.Application) -> AsyncIterator[None]:
             app[K.WEBSEED] = WebSeed(app[K.STORE])
@@ -153,6 +181,8 @@ def create_app(config: Config) -> web.Application:
         app.cleanup_ctx.append(_webseed_ctx)
         app.router.add_get(WebSeed.PREFIX + "/chunks/{prefix}/{name}", _webseed_chunk)
         app.router.add_get(WebSeed.PREFIX + "/{file}", _webseed_image)
+        if config.swarm_http_listen is not None:
+            app.cleanup_ctx.append(_swarm_http_ctx)
     else:
         app.cleanup_ctx.append(_node_ctx)
         app.cleanup_ctx.append(_heartbeat_ctx)

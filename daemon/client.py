@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,13 @@ from typing import Any
 
 import aiohttp
 
+from imageswarm.daemon import tls
 from imageswarm.daemon.errors import ControllerError
 
 _READ = 1024 * 1024
+#: Python before 3.12.8 (and 3.13.0) can leak an SSL transport closed before its shutdown ends,
+#: e.g. an event stream left mid-way (cpython#118960); aiohttp then aborts such transports.
+_ABORT_CLOSED_SSL = sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)
 
 
 class ApiClient:
@@ -27,10 +32,18 @@ class ApiClient:
         token: str | None = None,
         timeout: float = 30.0,
         local_addr: str | None = None,
+        ca: Path | None = None,
     ) -> None:
+        """`ca`: the CA file an https:// controller's certificate must chain to (None: the
+        system's store); ignored for http:// URLs."""
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        connector = aiohttp.TCPConnector(local_addr=(local_addr, 0) if local_addr else None)
+        https = self.base_url.startswith("https:")
+        connector = aiohttp.TCPConnector(
+            local_addr=(local_addr, 0) if local_addr else None,
+            ssl=tls.client_context(ca) if https else True,
+            enable_cleanup_closed=https and _ABORT_CLOSED_SSL,
+        )
         self._session = aiohttp.ClientSession(
             headers=headers,
             connector=connector,
@@ -69,7 +82,17 @@ class ApiClient:
                     return await resp.json()
                 return await resp.read()
         except aiohttp.ClientConnectionError as exc:
-            raise ControllerError(0, f"cannot reach {self.base_url}: {exc}") from None
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: Exception) -> ControllerError:
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            why = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+            return ControllerError(
+                0,
+                f"cannot reach {self.base_url}: its TLS certificate is not trusted ({why}); "
+                "give the CA that signed it (--ca FILE or $IMAGESWARM_CA; a node's controller_ca)",
+            )
+        return ControllerError(0, f"cannot reach {self.base_url}: {exc}")
 
     async def get_json(self, path: str) -> Any:
         return await self.request("GET", path)
@@ -105,7 +128,7 @@ class ApiClient:
         try:
             resp = await self._session.get(self.base_url + path, headers=headers)
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-            raise ControllerError(0, f"cannot reach {self.base_url}: {exc}") from None
+            raise self._unreachable(exc) from None
         async with resp:
             await self._check(resp)
             stream = self._read_events(resp)

@@ -59,6 +59,14 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The controller's REST API certificate (PEM chain, leaf first) and its private key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     role: Role
@@ -76,6 +84,22 @@ class Config:
     heartbeat_interval: float = 10.0
     db_path: Path | None = None
     agent: AgentConfig = AgentConfig()
+    #: Controller: serve the REST API over HTTPS (docs/control-plane.md, "TLS").
+    tls: TlsConfig | None = None
+    #: Controller: the plain-HTTP swarm listener (tracker, web seed, signed manifests/torrents).
+    swarm_http_listen: HostPort | None = None
+    #: Node: the CA that signed the controller's certificate (None: the system store).
+    controller_ca: Path | None = None
+    #: Node: the controller's swarm listener (default: controller_url).
+    controller_swarm_url: str | None = None
+
+    @property
+    def swarm_url(self) -> str:
+        """Where the swarm plane is served: /announce, /webseed/ and the signed image files."""
+        if self.role == "controller":
+            return f"http://{self.swarm_http_listen or self.api_listen}"
+        assert self.controller_url is not None
+        return self.controller_swarm_url or self.controller_url
 
     @property
     def store_dir(self) -> Path:
@@ -142,6 +166,18 @@ class _Reader:
             raise self.fail(key, "an address like 127.0.0.1:7700 (IP literal and port)")
         return HostPort(host, number)
 
+    def optional_hostport(self, key: str) -> HostPort | None:
+        return None if self.get(key, None) is None else self.hostport(key, HostPort("", 0))
+
+    def url(self, key: str) -> str | None:
+        value = self.text(key, None)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(key, "an http:// or https:// URL")
+        return str(value).rstrip("/")
+
     def sub(self, key: str) -> _Reader:
         value = self.get(key, {})
         if not isinstance(value, dict):
@@ -170,6 +206,50 @@ def _swarm(r: _Reader) -> SwarmConfig:
     )
     r.done()
     return cfg
+
+
+def _tls(r: _Reader) -> TlsConfig | None:
+    if r.get("tls", None) is None:
+        return None
+    t = r.sub("tls")
+    cfg = TlsConfig(cert=Path(t.text("cert")), key=Path(t.text("key")))
+    t.done()
+    return cfg
+
+
+def _controller_tls(r: _Reader, api_listen: HostPort) -> tuple[TlsConfig | None, HostPort | None]:
+    """`tls` and `swarm_http_listen` (docs/control-plane.md, "TLS")."""
+    for key in ("controller_ca", "controller_swarm_url"):
+        if r.get(key, None) is not None:
+            raise r.fail(key, "nothing: it is a node's key (role: node)")
+    tls, listen = _tls(r), r.optional_hostport("swarm_http_listen")
+    if tls is not None and listen is None:
+        raise r.fail(
+            "swarm_http_listen",
+            "a plain-HTTP address like 198.18.0.1:7780 for the tracker and web seed "
+            "(required with tls: libtorrent cannot verify a private CA)",
+        )
+    if listen == api_listen:
+        raise r.fail("swarm_http_listen", "an address other than api_listen")
+    return tls, listen
+
+
+def _node_tls(r: _Reader, controller_url: str) -> tuple[Path | None, str | None]:
+    """`controller_ca` and `controller_swarm_url` (docs/control-plane.md, "TLS")."""
+    for key in ("tls", "swarm_http_listen"):
+        if r.get(key, None) is not None:
+            raise r.fail(key, "nothing: only a controller serves TLS (role: controller)")
+    ca, swarm_url = r.text("controller_ca", None), r.url("controller_swarm_url")
+    https = controller_url.startswith("https:")
+    if ca is not None and not https:
+        raise r.fail("controller_ca", "no CA file unless controller_url is https://")
+    if https and swarm_url is None:
+        raise r.fail(
+            "controller_swarm_url",
+            "the controller's plain-HTTP swarm listener, like http://198.18.0.1:7780 "
+            "(required when controller_url is https://)",
+        )
+    return (Path(ca) if ca else None), swarm_url
 
 
 def _agent(r: _Reader) -> AgentConfig:
@@ -224,17 +304,17 @@ def parse(path: Path, data: Any) -> Config:
         except ValueError as exc:
             raise ConfigError(f"{path}: key 'trusted_keys[{index}]': {exc}") from None
     cache_dir = Path(r.text("cache_dir", "/var/lib/imageswarm"))
-    controller_url = r.text("controller_url", None)
-    if controller_url is not None:
-        parts = urlsplit(controller_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise r.fail("controller_url", "an http:// or https:// URL")
-        controller_url = controller_url.rstrip("/")
+    controller_url = r.url("controller_url")
+    api_listen = r.hostport("api_listen", HostPort("127.0.0.1", 7700))
+    tls, swarm_http_listen, controller_ca, controller_swarm_url = None, None, None, None
     if role == "node":
         if controller_url is None:
             raise r.fail("controller_url", "the controller's URL (required for role: node)")
         if not keys:
             raise r.fail("trusted_keys", "at least one public key (nodes refuse unsigned images)")
+        controller_ca, controller_swarm_url = _node_tls(r, controller_url)
+    else:
+        tls, swarm_http_listen = _controller_tls(r, api_listen)
     signing_key = r.text("signing_key", None)
     labels = r.get("labels", {})
     if not isinstance(labels, dict) or not all(
@@ -246,7 +326,7 @@ def parse(path: Path, data: Any) -> Config:
         path=path,
         role=role,
         node_name=r.text("node_name", socket.gethostname()),
-        api_listen=r.hostport("api_listen", HostPort("127.0.0.1", 7700)),
+        api_listen=api_listen,
         cache_dir=cache_dir,
         cluster_cidrs=tuple(str(c) for c in cidrs),
         trusted_keys=tuple(keys),
@@ -261,6 +341,10 @@ def parse(path: Path, data: Any) -> Config:
         heartbeat_interval=r.number("heartbeat_interval", 10.0, minimum=0.1),
         db_path=Path(db_path) if db_path else None,
         agent=_agent(r.sub("agent")),
+        tls=tls,
+        swarm_http_listen=swarm_http_listen,
+        controller_ca=controller_ca,
+        controller_swarm_url=controller_swarm_url,
     )
     r.done()
     return cfg
@@ -284,8 +368,18 @@ EXAMPLES: dict[str, str] = {
 role: controller
 # Name shown in events and the dashboard.
 node_name: undercloud
-# REST API, tracker and web seed listen here (IP literal and port).
+# The REST API listens here (IP literal and port).
 api_listen: 198.18.0.1:7700
+# Serve the REST API over HTTPS: a PEM certificate chain (leaf first; its SAN must name the
+# address nodes and operators use, e.g. IP:198.18.0.1) and its unencrypted PEM private key.
+# Without tls the API is plain HTTP (lab only).
+tls:
+  cert: /etc/imageswarm/tls/controller.pem
+  key: /etc/imageswarm/tls/controller.key
+# Plain HTTP for the swarm only: the tracker, the web seed and the signed manifests and
+# torrents (public; their integrity comes from the signature). Required with tls, because
+# libtorrent cannot verify a private CA; without it they are served on api_listen.
+swarm_http_listen: 198.18.0.1:7780
 # Chunk store, signing key and state live under this directory.
 cache_dir: /var/lib/imageswarm
 # Only peers inside these networks may join the swarm (libtorrent ip_filter).
@@ -320,8 +414,13 @@ node_name: compute-0
 api_listen: 127.0.0.1:7701
 # Chunk store and agent state live under this directory.
 cache_dir: /var/lib/imageswarm
-# The controller's REST API.
-controller_url: http://198.18.0.1:7700
+# The controller's REST API (enrollment, heartbeats); https is verified, never skipped.
+controller_url: https://198.18.0.1:7700
+# The CA certificate (PEM) that signed the controller's; without it, the system's CA store.
+controller_ca: /etc/imageswarm/tls/ca.pem
+# The controller's swarm_http_listen: tracker, web seed, signed manifests and torrents
+# (default: controller_url; required with https, as libtorrent cannot verify a private CA).
+controller_swarm_url: http://198.18.0.1:7780
 # Only peers inside these networks may join the swarm.
 cluster_cidrs: [198.18.0.0/15]
 # Public keys whose signed images this node accepts (`imageswarm key generate` prints one).

@@ -73,10 +73,12 @@ class FetchState:
 
 class FetchManager:
     def __init__(self, config: Config, store: Store, swarm: Swarm) -> None:
-        assert config.controller_url is not None
         self.config, self.store, self.swarm = config, store, swarm
-        self.controller_url = config.controller_url
-        self.controller_host = urlsplit(config.controller_url).hostname or ""
+        # Everything a fetch needs is on the controller's swarm plane (plain HTTP even when the
+        # REST API uses TLS, docs/control-plane.md "TLS"): signed manifests, torrents, the
+        # tracker and the web seed. Their integrity comes from the manifest's signature.
+        self.controller_url = config.swarm_url
+        self.controller_host = urlsplit(self.controller_url).hostname or ""
         self.states: dict[str, FetchState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._downloads: dict[str, Download] = {}

@@ -159,7 +159,9 @@ class HeartbeatLoop:
             log.exception("could not finish the operation left by the previous daemon")
         assert self.config.controller_url is not None
         async with ApiClient(
-            self.config.controller_url, timeout=self.settings.request_timeout
+            self.config.controller_url,
+            timeout=self.settings.request_timeout,
+            ca=self.config.controller_ca,
         ) as api:
             while self.token is None:
                 if not await self._attempt(self._enroll, api):

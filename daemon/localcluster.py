@@ -87,13 +87,18 @@ class LocalCluster:
     api_token: str | None = "lab-operator-token"
     heartbeat_interval: float = 1.0
     daemons: list[Daemon] = field(default_factory=list)
+    #: The controller's and then each node's address; default 127.0.0.<base + i>. The
+    #: network-namespace lab (imageswarm.daemon.lab) gives each daemon a host of its own.
+    addresses: list[str] | None = None
+    cluster_cidrs: list[str] = field(default_factory=lambda: ["127.0.0.0/8"])
 
     def __post_init__(self) -> None:
-        self.controller = Daemon(
-            "controller", "controller", f"127.0.0.{self.base}", self.root / "controller"
-        )
+        ips = self.addresses or [f"127.0.0.{self.base + i}" for i in range(self.nodes + 1)]
+        if len(ips) != self.nodes + 1:
+            raise ValueError(f"{self.nodes + 1} addresses needed, got {len(ips)}")
+        self.controller = Daemon("controller", "controller", ips[0], self.root / "controller")
         self.node_daemons = [
-            Daemon(f"node{i}", "node", f"127.0.0.{self.base + i}", self.root / f"node{i}")
+            Daemon(f"node{i}", "node", ips[i], self.root / f"node{i}")
             for i in range(1, self.nodes + 1)
         ]
         self.daemons = [self.controller, *self.node_daemons]
@@ -107,7 +112,7 @@ class LocalCluster:
                 "node_name": d.name,
                 "api_listen": f"{d.ip}:{API_PORT}",
                 "cache_dir": str(d.workdir / "cache"),
-                "cluster_cidrs": ["127.0.0.0/8"],
+                "cluster_cidrs": list(self.cluster_cidrs),
                 "trusted_keys": [str(key.public)],
                 "swarm": {
                     "listen": f"{d.ip}:{SWARM_PORT}",
@@ -172,6 +177,11 @@ class LocalCluster:
             *daemon,
         ]
 
+    def launcher(self, d: Daemon) -> list[str]:
+        """What runs a daemon's command line: nothing here (this machine's network); the lab
+        enters the daemon's host's network namespace."""
+        return []
+
     def start(self, daemons: list[Daemon] | None = None) -> None:
         # The lab's images carry this kernel; nodes act as if they run it (a real node reads
         # uname), so rollouts of images with the same kernel need no reboot.
@@ -179,7 +189,7 @@ class LocalCluster:
         for d in daemons or self.daemons:
             log = d.log_path.open("ab")
             d.proc = subprocess.Popen(
-                self._argv(d),
+                [*self.launcher(d), *self._argv(d)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

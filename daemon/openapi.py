@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from imageswarm.agent.kernel import POLICIES
+from imageswarm.daemon.dashboard import ASSETS as DASHBOARD_ASSETS
 from imageswarm.daemon.rolloutstate import STATES, STATUSES
 
 Schema = dict[str, Any]
@@ -414,6 +415,8 @@ def _paths() -> dict[str, Schema]:
     node = [_path_param("name", ref("NodeName"))]
     rollout = [_path_param("id", STR)]
     op, j, op_ = "operatorToken", _json, _op
+    page = {200: _content("text/html", STR, "the page; it asks for the operator token")}
+    asset = ("text/javascript", "text/css")
     paths: dict[str, Schema] = {
         "/healthz": {
             "get": op_(
@@ -433,6 +436,22 @@ def _paths() -> dict[str, Schema]:
         },
         "/api/v1/openapi.json": {
             "get": op_("openapi", "This document", "service", {200: j({"type": "object"}, "OK")})
+        },
+        "/": {"get": op_("dashboard", "The live dashboard (a public page)", "dashboard", page)},
+        "/dashboard": {
+            "get": op_("dashboardAlias", "The live dashboard, as at /", "dashboard", page)
+        },
+        "/dashboard/{asset}": {
+            "parameters": [
+                _path_param("asset", {"type": "string", "enum": list(DASHBOARD_ASSETS)})
+            ],
+            "get": op_(
+                "dashboardAsset",
+                "The dashboard's script and style sheet",
+                "dashboard",
+                {200: {"description": "the file", "content": {t: {"schema": STR} for t in asset}}},
+                (404,),
+            ),
         },
         "/api/v1/images": {
             "get": op_("listImages", "List images", "images", {200: j(ref("ImageList"), "OK")}),
@@ -638,6 +657,7 @@ def openapi_document() -> dict[str, Any]:
                 ("events", "The event log, live"),
                 ("node-api", "Called by node daemons"),
                 ("service", "Health, metrics, this document"),
+                ("dashboard", "The operator's web page (docs/control-plane.md, Dashboard)"),
             )
         ],
         "paths": _paths(),

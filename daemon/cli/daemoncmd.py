@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imageswarm.daemon import config
+from imageswarm.daemon import config, tls
 from imageswarm.daemon.app import create_app
 
 
@@ -20,11 +20,13 @@ def register(groups: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
+    ssl_context = tls.load(cfg)  # before anything starts: a bad TLS file is a startup error
     app = create_app(cfg)
     web.run_app(
         app,
         host=cfg.api_listen.host,
         port=cfg.api_listen.port,
+        ssl_context=ssl_context,
         print=None,
         shutdown_timeout=5,
         access_log=None,

@@ -20,6 +20,7 @@ from imageswarm.daemon.publish import publish
 CONTROLLER = "IMAGESWARM_CONTROLLER"
 NODE = "IMAGESWARM_NODE"
 TOKEN = "IMAGESWARM_TOKEN"
+CA = "IMAGESWARM_CA"
 
 
 def register(groups: Any) -> None:
@@ -62,6 +63,7 @@ def register(groups: Any) -> None:
     delete.set_defaults(func=cmd_delete)
 
 
+
 def controller_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--controller",
@@ -69,6 +71,19 @@ def controller_args(parser: argparse.ArgumentParser) -> None:
         help=f"controller URL (default ${CONTROLLER} or http://127.0.0.1:7700)",
     )
     parser.add_argument("--token", default=default_url(TOKEN, "") or None, help=f"or ${TOKEN}")
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        default=default_url(CA, "") or None,
+        metavar="FILE",
+        help=f"the CA certificate that signed an https:// controller's (or ${CA}; "
+        "default: the system's CA store)",
+    )
+
+
+def controller_client(args: argparse.Namespace, timeout: float = 30.0) -> ApiClient:
+    """The client `controller_args` describe: URL, operator token and CA."""
+    return ApiClient(args.controller, token=args.token, ca=args.ca, timeout=timeout)
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -120,7 +135,7 @@ async def _publish_remote(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         raise InvalidInputError(f"{args.file} is not a file")
     bar = Progress("uploading", args.file.stat().st_size)
-    async with ApiClient(args.controller, token=args.token, timeout=600) as api:
+    async with controller_client(args, timeout=600) as api:
         data = await api.upload(
             f"/api/v1/images?name={quote(args.name)}", args.file, lambda d, t: bar.update(d)
         )
@@ -197,15 +212,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 async def _delete(args: argparse.Namespace, path: str) -> None:
-    async with ApiClient(args.controller, token=args.token) as api:
+    async with controller_client(args) as api:
         await api.delete(path)
 
 
 async def _get(args: argparse.Namespace, path: str) -> Any:
-    async with ApiClient(args.controller, token=args.token) as api:
+    async with controller_client(args) as api:
         return await api.get_json(path)
 
 
 async def _get_bytes(args: argparse.Namespace, path: str) -> bytes:
-    async with ApiClient(args.controller, token=args.token) as api:
+    async with controller_client(args) as api:
         return await api.get_bytes(path)

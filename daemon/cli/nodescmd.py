@@ -8,10 +8,9 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-from imageswarm.daemon.cli.imagecmd import controller_args
+from imageswarm.daemon.cli.imagecmd import controller_args, controller_client
 from imageswarm.daemon.cli.progress import human
 from imageswarm.daemon.cli.rolloutcmd import table
-from imageswarm.daemon.client import ApiClient
 
 NODES = "/api/v1/nodes"
 
@@ -123,7 +122,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 async def _label(args: argparse.Namespace) -> int:
     """PUT replaces the whole label set, so read, change and write it back."""
     path = f"{NODES}/{quote(args.name)}"
-    async with ApiClient(args.controller, token=args.token) as api:
+    async with controller_client(args) as api:
         labels: dict[str, str] = dict((await api.get_json(path)).get("labels") or {})
         for key in args.remove:
             labels.pop(key, None)
@@ -137,5 +136,5 @@ async def _label(args: argparse.Namespace) -> int:
 
 
 async def _call(args: argparse.Namespace, method: str, path: str) -> Any:
-    async with ApiClient(args.controller, token=args.token) as api:
+    async with controller_client(args) as api:
         return await api.request(method, path)

@@ -16,8 +16,7 @@ from typing import Any
 
 from imageswarm.agent.kernel import POLICIES
 from imageswarm.daemon.cli import watch
-from imageswarm.daemon.cli.imagecmd import controller_args
-from imageswarm.daemon.client import ApiClient
+from imageswarm.daemon.cli.imagecmd import controller_args, controller_client
 
 ROLLOUTS = "/api/v1/rollouts"
 ACTIONS = {
@@ -127,16 +126,12 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     return {"image_id": args.image_id, "nodes": args.nodes, "strategy": strategy}
 
 
-def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.controller, token=args.token)
-
-
 def cmd_start(args: argparse.Namespace) -> int:
     return asyncio.run(_start(args))
 
 
 async def _start(args: argparse.Namespace) -> int:
-    async with _client(args) as api:
+    async with controller_client(args) as api:
         rollout = await api.post_json(ROLLOUTS, request_body(args))
         if args.json:
             print(json.dumps(rollout) if args.watch else json.dumps(rollout, indent=1))
@@ -187,7 +182,7 @@ def cmd_action(args: argparse.Namespace) -> int:
 
 
 async def _action(args: argparse.Namespace) -> int:
-    async with _client(args) as api:
+    async with controller_client(args) as api:
         rollout = await api.post_json(f"{ROLLOUTS}/{args.rollout_id}/{args.verb}")
         if args.json:
             print(json.dumps(rollout) if args.watch else json.dumps(rollout, indent=1))
@@ -205,12 +200,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    async with _client(args) as api:
+    async with controller_client(args) as api:
         return await watch.watch(api, args.rollout_id, watch.display_for(sys.stdout, args.json))
 
 
 async def _get(args: argparse.Namespace, path: str) -> Any:
-    async with _client(args) as api:
+    async with controller_client(args) as api:
         return await api.get_json(path)
 
 
