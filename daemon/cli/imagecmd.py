@@ -63,7 +63,6 @@ def register(groups: Any) -> None:
     delete.set_defaults(func=cmd_delete)
 
 
-
 def controller_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--controller",
