@@ -284,20 +284,15 @@ class Store:
         fsync_dir(dest.parent)
         return dest
 
-    def take_chunks(self, manifest: mf.Manifest, path: Path) -> None:
-        """Check a whole downloaded image file against its manifest (size and SHA-256 of what
-        is on disk, not what the torrent engine said), then store the chunks of it that the
-        store lacks, durably. On a mismatch nothing is stored. A file shorter than the image
-        is first extended with zeros: a download never writes trailing all-zero pieces.
-
-        The chunks need no hashing of their own: the file's SHA-256 is the signed manifest's,
-        so the bytes at each listed offset are the chunks the publisher named.
-        """
+    def check_image(self, manifest: mf.Manifest, path: Path) -> None:
+        """Check a whole downloaded image file against its manifest: size and SHA-256 of what
+        is on disk, not what the torrent engine said; then make it durable. A file shorter
+        than the image is first extended with zeros: a download never writes trailing
+        all-zero pieces, and an image of nothing but zeros downloads no piece at all."""
         whole = hashlib.sha256()
-        # Created when missing: an image of nothing but zeros downloads no piece at all.
         with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "rb+") as f:
             size = os.fstat(f.fileno()).st_size
-            if size < manifest.size:  # trailing all-zero pieces are never downloaded
+            if size < manifest.size:
                 f.truncate(size := manifest.size)
             while block := f.read(1 << 20):
                 whole.update(block)
@@ -307,13 +302,20 @@ class Store:
                     f"{whole.hexdigest()}, not {manifest.size} and {manifest.sha256} as its "
                     "manifest says"
                 )
-            with self.writer() as writer:
-                offset = 0
-                for entry in manifest.chunks:
-                    if entry.hash is not None and not self.has_chunk(entry.hash, entry.length):
-                        writer.add(entry.hash, os.pread(f.fileno(), entry.length, offset))
-                    offset += entry.length
             os.fsync(f.fileno())
+
+    def take_chunks(self, manifest: mf.Manifest, path: Path) -> int:
+        """Store, durably, the chunks of a checked image file (see `check_image`) that the
+        store lacks; return how many. They need no hashing of their own: the file's SHA-256
+        is the signed manifest's, so the bytes at each listed offset are the chunks the
+        publisher named."""
+        with self.writer() as writer, open(path, "rb") as f:
+            offset = 0
+            for entry in manifest.chunks:
+                if entry.hash is not None and not self.has_chunk(entry.hash, entry.length):
+                    writer.add(entry.hash, os.pread(f.fileno(), entry.length, offset))
+                offset += entry.length
+            return writer.written
 
     def place_image(self, image_id: str, path: Path) -> Path:
         """Move a verified image file to its place in the store."""

@@ -141,11 +141,12 @@ def test_load_manifest_checks_signature(tmp_path: Path, key: keys.SigningKey) ->
         store.load_manifest("img1", [other.public])
 
 
-def test_take_chunks_checks_the_whole_file_and_stores_only_what_is_missing(
+def test_a_downloaded_image_is_checked_on_disk_then_cut_into_only_missing_chunks(
     tmp_path: Path, key: keys.SigningKey
 ) -> None:
-    """A whole image downloaded by its image torrent goes into the store as chunks, but only
-    once the file on disk hashes to the manifest's SHA-256; trailing holes may be missing."""
+    """A whole image downloaded by its image torrent is accepted only once the file on disk
+    hashes to the manifest's SHA-256 (trailing holes may never have been written); then the
+    chunks the store lacks are cut from it."""
     source = Store.open(tmp_path / "source")
     a, b, c = os.urandom(70_000), os.urandom(1234), os.urandom(5000)
     manifest = _image(source, key, [a, 1 << 20, b, c, a, 300_000], "img1")
@@ -160,11 +161,13 @@ def test_take_chunks_checks_the_whole_file_and_stores_only_what_is_missing(
     corrupt = node.partial_dir / "bad.img"
     corrupt.write_bytes(bytes(bad))
     with pytest.raises(ChunkCorruptError, match="SHA-256"):
-        node.take_chunks(manifest, corrupt)
+        node.check_image(manifest, corrupt)
+    node.check_image(manifest, download)
+    assert download.read_bytes() == image
+    placed = node.place_image("img1", download)
+    assert placed == node.image_path("img1") and not download.exists()
     assert node.missing(manifest) == {chunk_name(a): len(a), chunk_name(c): len(c)}
-    node.take_chunks(manifest, download)
+    assert node.take_chunks(manifest, placed) == 2
     assert node.missing(manifest) == {}
     assert node.read_chunk(chunk_name(c), len(c)) == c
-    placed = node.place_image("img1", download)
-    assert placed == node.image_path("img1") and placed.read_bytes() == image
-    assert not download.exists()
+    assert node.take_chunks(manifest, placed) == 0

@@ -278,6 +278,12 @@ async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
     await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
     first = await _wait(node, m1["image_id"])
     assert (first["state"], first["torrent"]) == ("done", "image"), first  # from scratch
+    for _ in range(100):  # a whole image is cut into the store after it is done
+        if (await (await node.get(f"/api/v1/images/{m1['image_id']}")).json())["in_store"]:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("v1 was never cut into the node's store")
     shared = {c["hash"] for c in m1["chunks"] if c["hash"]} & {
         c["hash"] for c in m2["chunks"] if c["hash"]
     }
