@@ -4,7 +4,9 @@ Cut points come from three places, in this order of precedence:
 1. the image's file-data extents, when known (a file's chunks then do not depend on where the
    image builder placed it, so a rebuilt image shares every unchanged file's chunks);
 2. runs of all-zero 4 KiB blocks, which become holes (never stored, never transferred);
-3. FastCDC 2020 inside what is left (min/avg/max 16/64/256 KiB).
+3. inside file data, FastCDC 2020 (min/avg/max 16/64/256 KiB); filesystem metadata between
+   files (inode tables, bitmaps, directories) is cut into 4 KiB pieces, the filesystem's
+   blocks, the unit in which it changes, so one changed inode or bitmap bit costs 4 KiB.
 
 Segments shorter than the minimum chunk are merged into their neighbour so that a tree of tiny
 files does not flood the torrent with tiny pieces. The whole-image SHA-256 and the image's
@@ -32,8 +34,9 @@ from imageswarm.agent.extents import Extent
 
 MIN_CHUNK = 16 * 1024
 AVG_CHUNK = 64 * 1024
-META_MIN, META_AVG, META_MAX = 4 * 1024, 8 * 1024, 64 * 1024
 ZERO_BLOCK = 4096
+#: Metadata between files is cut into pieces of this size (a filesystem block).
+META_BLOCK = 4096
 #: Zero runs shorter than this stay inside a data chunk (a hole entry would cost more).
 MIN_HOLE = 16 * 1024
 _HASH_WINDOW = 8 * 1024 * 1024
@@ -112,6 +115,13 @@ def _zero_runs(view: memoryview, base: int) -> Iterator[tuple[int, int, bool]]:
     yield from out
 
 
+def _metadata_cuts(run: memoryview) -> list[tuple[int, int]]:
+    """(start, length) cuts of `run` every META_BLOCK bytes from its start. In an image of a
+    filesystem with 4 KiB blocks a run starts on a block (at an extent's edge or a zero run's),
+    so these are the filesystem's blocks; in a tar they move with the headers they cut."""
+    return [(pos, min(META_BLOCK, len(run) - pos)) for pos in range(0, len(run), META_BLOCK)]
+
+
 class ImageReader:
     """Maps an image file and cuts it into pieces, hashing the whole image alongside."""
 
@@ -130,9 +140,6 @@ class ImageReader:
         self._pending: list[Future[None]] = []
         self._hashed_to = 0
         self._cdc = FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
-        # Filesystem metadata between files changes in scattered small places on every build
-        # (timestamps, checksums seeded by the fs UUID): smaller chunks there move fewer bytes.
-        self._cdc_meta = FastCDC(META_AVG, min_size=META_MIN, max_size=META_MAX)
 
     def __enter__(self) -> ImageReader:
         return self
@@ -183,7 +190,7 @@ class ImageReader:
         hole: Span | None = None
         with memoryview(self._map) as whole_view:
             for seg_start, seg_end, is_file in segments(self.size, extents):
-                cdc = self._cdc if is_file or extents is None else self._cdc_meta
+                by_content = is_file or extents is None
                 self._hash_until(seg_end)
                 segment = whole_view[seg_start:seg_end]
                 for start, end, is_hole in _zero_runs(segment, seg_start):
@@ -197,11 +204,15 @@ class ImageReader:
                         yield Piece(hole.offset, hole.length, None, None)
                         hole = None
                     run = segment[start:end]
-                    for cut in cdc.cut_buf(run):
-                        data = run[cut.offset : cut.offset + cut.length]
+                    if by_content:
+                        cuts = [(c.offset, c.length) for c in self._cdc.cut_buf(run)]
+                    else:
+                        cuts = _metadata_cuts(run)
+                    for cut_offset, cut_length in cuts:
+                        data = run[cut_offset : cut_offset + cut_length]
                         yield Piece(
-                            seg_start + start + cut.offset,
-                            cut.length,
+                            seg_start + start + cut_offset,
+                            cut_length,
                             pieces_root(data).hex(),
                             data,
                         )

@@ -13,6 +13,7 @@ from imageswarm.agent import keys
 from imageswarm.agent import manifest as mf
 from imageswarm.agent.errors import InvalidInputError
 from imageswarm.agent.store import Store
+from imageswarm.daemon.cli import buildcmd
 from imageswarm.daemon.cli.progress import Progress, human
 from imageswarm.daemon.client import ApiClient, default_url
 from imageswarm.daemon.publish import publish
@@ -61,6 +62,8 @@ def register(groups: Any) -> None:
     controller_args(delete)
     delete.add_argument("--json", action="store_true")
     delete.set_defaults(func=cmd_delete)
+
+    buildcmd.register(sub)
 
 
 def controller_args(parser: argparse.ArgumentParser) -> None:
