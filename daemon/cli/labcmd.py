@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from imageswarm.agent import imagebuild
 from imageswarm.daemon.cli.imagecmd import CONTROLLER, TOKEN
 from imageswarm.daemon.cli.progress import human
 from imageswarm.daemon.client import ApiClient
@@ -35,7 +36,7 @@ from imageswarm.daemon.lab import cleanup, net, state
 from imageswarm.daemon.lab.errors import LabError
 from imageswarm.daemon.lab.hosts import Lab, LabSpec, daemon_running, exec_argv, unsupported
 from imageswarm.daemon.lab.shaping import format_rate, parse_loss, parse_rate
-from imageswarm.daemon.localcluster import LocalCluster, build_ext4, make_tree
+from imageswarm.daemon.localcluster import LocalCluster, make_tree
 
 SOURCES = ("local", "controller", "peers", "web_seed", "unattributed")
 LAB_DIR = Path(".lab/lab")
@@ -228,12 +229,15 @@ def table(image_id: str, size: int, nodes: list[dict[str, Any]]) -> str:
 def _images(work: Path, mib: int) -> list[Path]:
     tree = work / "tree"
     make_tree(tree, files=300, seed=1)
-    images = []
+    images: list[Path] = []
     for version, changed in (("v1", None), ("v2", "usr/lib/big0.so"), ("v3", "usr/lib/big1.so")):
         if changed:
             path = tree / changed
             path.write_bytes(bytes(reversed(path.read_bytes())))
-        build_ext4(tree, work / f"{version}.img", mib)
+        # Each version is built on the one before, as an image pipeline would
+        # (`imageswarm image build --base`): unchanged files keep their blocks.
+        base = images[-1] if images else None
+        imagebuild.build_ext4(tree, work / f"{version}.img", mib, base=base)
         images.append(work / f"{version}.img")
     return images
 
@@ -324,8 +328,7 @@ async def _demo(cluster: LocalCluster, images: list[Path]) -> int:
                 "--watch",
                 "--controller",
                 cluster.controller.url,
-                "--token",
-                str(cluster.api_token),
+                f"--token={cluster.api_token}",  # "=": a token may start with "-"
             ]
             watch = await asyncio.to_thread(subprocess.run, argv, check=False)
             if watch.returncode != 0:

@@ -120,7 +120,7 @@ class Lab:
 
     def _build(self) -> NetnsCluster:
         self._clear_workdir()
-        token = secrets.token_urlsafe(12)
+        token = secrets.token_hex(16)  # hex: never starts with "-", safe in a shell line
         hosts = [
             state.HostState(h.name, h.role, h.ip, h.netns, h.link, str(self.workdir / h.name))
             for h in self.plan.hosts
