@@ -46,6 +46,10 @@ _RETRIES = 3
 #: Fetch the whole image instead of chunks when the store lacks more than this share of its
 #: chunk bytes: below it, the delta is small and the chunk torrent's per-file cost is harmless.
 WHOLE_IMAGE_ABOVE = 0.5
+#: A whole-image fetch first copies the chunks the store holds into the image file when they
+#: are at least this share of its chunk bytes (libtorrent then checks the file, which costs a
+#: read of the whole image: not worth it for a few shared chunks).
+PREFILL_ABOVE = 0.1
 
 
 @dataclass
@@ -206,7 +210,8 @@ class FetchManager:
         whole = missing > WHOLE_IMAGE_ABOVE * manifest.stored_bytes
         if whole:
             st.torrent, st.bytes_by_source = "image", {"local": 0}
-            await self._fetch_image(st, manifest, image_torrent)
+            prefill = st.total_bytes - missing >= PREFILL_ABOVE * manifest.stored_bytes
+            await self._fetch_image(st, manifest, image_torrent, prefill=prefill)
         else:
             st.torrent = "chunks"
             await self._fetch_chunks(st, manifest, torrent)
@@ -266,13 +271,20 @@ class FetchManager:
                 st.state = "downloading"
         self._refresh(st, dl)
 
-    async def _fetch_image(self, st: FetchState, manifest: mf.Manifest, torrent: bytes) -> None:
-        """Download the whole image file, check it and put it in place."""
+    async def _fetch_image(
+        self, st: FetchState, manifest: mf.Manifest, torrent: bytes, *, prefill: bool
+    ) -> None:
+        """Download the whole image file, check it and put it in place. With `prefill`, the
+        chunks the store holds are copied into the file first, so only the pieces they do not
+        cover travel."""
         skip = hole_pieces([(c.hash, c.length) for c in manifest.chunks], manifest.size)
         partial = self.store.partial_dir
+        path = partial / image_file_name(st.image_id)
+        if prefill:
+            local = await asyncio.to_thread(self.store.prefill, manifest, path)
+            st.bytes_by_source = {"local": local}
         dl = await self.swarm.add(torrent, partial, trackers=[self._announce()], skip_pieces=skip)
         self._downloads[st.image_id] = dl
-        path = partial / image_file_name(st.image_id)
         for attempt in range(_RETRIES + 1):
             await self._download(st, dl)
             st.state = "verifying"

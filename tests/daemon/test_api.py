@@ -303,3 +303,47 @@ async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
     assert sorted((i["image_id"], i["state"]) for i in listed) == sorted(
         [(m1["image_id"], "done"), (m2["image_id"], "done")]
     )
+
+
+async def test_a_node_holding_some_chunks_fetches_the_whole_image_without_their_bytes(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    """A node that lost most of v1's chunks takes v2 through the image torrent, but the
+    chunks it still holds are copied into the image file instead of downloaded again."""
+    ctl = await aiohttp_client(controller)
+    v1, v2, _ = ext4_pair
+    manifests = []
+    for version, image in (("v1", v1), ("v2", v2)):
+        resp = await ctl.post(
+            f"/api/v1/images?name={version}", data=io.BytesIO(image.read_bytes()), headers=_auth()
+        )
+        manifests.append((await resp.json())["manifest"])
+    m1, m2 = manifests
+    node = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
+    await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
+    assert (await _wait(node, m1["image_id"]))["state"] == "done"
+    for _ in range(100):
+        if (await (await node.get(f"/api/v1/images/{m1['image_id']}")).json())["in_store"]:
+            break
+        await asyncio.sleep(0.1)
+    # Lose the chunks of the first two thirds of the image (as if an older, shorter version
+    # were held): the last third stays, in runs long enough to cover whole pieces.
+    chunks = tmp_path / "node-127.0.0.65" / "store" / "chunks"
+    order = list(dict.fromkeys(c["hash"] for c in m1["chunks"] if c["hash"]))
+    for name in order[: len(order) * 2 // 3]:
+        (chunks / name[:2] / name).unlink(missing_ok=True)
+    kept = sum(p.stat().st_size for p in chunks.glob("*/*"))
+    stored = sum({c["hash"]: c["length"] for c in m2["chunks"] if c["hash"]}.values())
+    await node.post(f"/api/v1/images/{m2['image_id']}/fetch", headers=_auth())
+    state = await _wait(node, m2["image_id"])
+    assert (state["state"], state["torrent"]) == ("done", "image"), state
+    local = state["bytes_by_source"]["local"]
+    assert 0.9 * kept <= local <= kept, (local, kept)
+    # What held chunks covered did not travel (pieces they only partly cover still do).
+    assert state["received_bytes"] < stored - 0.5 * local, (state, stored)
+    image = tmp_path / "node-127.0.0.65" / "store" / "images" / f"{m2['image_id']}.img"
+    assert image.read_bytes() == v2.read_bytes()
