@@ -7,7 +7,9 @@ the node keeps running the old image. From `swap` on, the root may be a mix of t
 the journal always says so: a crash resumes the operation from `swap` (rsync converges the
 root to the image whatever state it was left in), and a failure restores the previous image
 the same way. The image id file is written last, so it never names an image the root does not
-fully hold.
+fully hold. `prepare` refuses a swap the root's filesystem has no room for (agent/space.py),
+and a restore first puts back by renames what the failed swap replaced (agent/undo.py), so it
+needs no space even when the disk filled up half-way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from imageswarm.agent import health, hooks, kernel, mounts, preserve, rsync, services
+from imageswarm.agent import health, hooks, kernel, mounts, preserve, rsync, services, space, undo
 from imageswarm.agent.errors import (
     ApplyError,
     HookError,
@@ -201,12 +203,19 @@ class Agent:
         (self.state.workdir(op) / "changes").write_text(plan.change_list())
         return plan
 
+    def _check_space(self, op: Operation, plan: rsync.Plan, tree: Path) -> None:
+        """Refuse, before any hook runs or the root is remounted, a swap it has no room for."""
+        backup = f"{services.REPLACED_DIR}/{op.op_id}"
+        need = space.check(plan, tree, self.root, backup, keep=op.op_id)
+        if op.plan is not None:
+            op.plan["space"] = need.to_json()
+
     def _run(self, op: Operation, *, resume: bool = False) -> Operation:
         try:
             with image_tree(op.image, self.state.workdir(op)) as tree:
                 if not resume:
                     with self._phase(op, "prepare"):
-                        self._prepare(op, tree)
+                        self._check_space(op, self._prepare(op, tree), tree)
                     with self._phase(op, "pre-configure"):
                         self._hooks(op, "pre-configure", tree)
                 else:
@@ -240,6 +249,10 @@ class Agent:
                 self._filter_file(op, self._decide(op, tree))
             replaced = self.root / services.REPLACED_DIR
             backup = replaced / op.op_id
+            if op.undoes is not None:
+                undo.undo_swap(replaced / op.undoes, tree, self.root, filters)
+            # Before the rsync, so that their space is there for it (space.check counted it).
+            self._prune_replaced(replaced, keep=op.op_id)
             hidden = self._hidden_changes(op, tree)
             done = rsync.run(
                 tree,
@@ -254,7 +267,6 @@ class Agent:
                 only.write_text("".join(f"{path}\n" for path in hidden))
                 rsync.run(tree, self.root, filters, only=only, backup_dir=backup)
             preserve.merge_accounts(tree, self.root)
-            self._prune_replaced(replaced, keep=op.op_id)
             if op.plan is None:
                 op.plan = done.to_json()
         finally:
@@ -400,6 +412,7 @@ class Agent:
         self.state.save_status(last=op.to_json())
         restore = Operation(secrets.token_hex(6), "restore", op.old, op.image, op.policy)
         restore.remounted = op.remounted
+        restore.undoes = op.op_id
         restore.error = f"restoring after: {exc}"
         self.state.record(restore)
         self.state.drop_workdir(op)

@@ -76,6 +76,7 @@ class Operation:
     result: str | None = None  # applied, rolled-back, aborted, failed
     error: str | None = None
     recovered: bool = False
+    undoes: str | None = None  # a restore: the failed operation whose backup dir it puts back
 
     @property
     def phase(self) -> str | None:
