@@ -270,3 +270,13 @@ def hole_pieces(chunks: Sequence[tuple[str | None, int]], size: int) -> list[int
                 out.append(index)
         offset += length
     return out
+
+
+def wanted_bytes(chunks: Sequence[tuple[str | None, int]], size: int) -> int:
+    """Bytes of the image torrent's pieces not wholly in holes: what a fetch from scratch moves."""
+    skipped = set(hole_pieces(chunks, size))
+    return sum(
+        min(PIECE_LENGTH, size - start)
+        for index, start in enumerate(range(0, size, PIECE_LENGTH))
+        if index not in skipped
+    )

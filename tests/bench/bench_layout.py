@@ -45,7 +45,7 @@ if not __package__:  # run as a script: make the repository's `tests.bench` impo
 from imageswarm.agent.store import Store
 from imageswarm.daemon.publish import publish
 from imageswarm.daemon.swarm.session import SettingValue, Swarm, SwarmSettings
-from imageswarm.daemon.swarm.torrent import PIECE_LENGTH, hole_pieces
+from imageswarm.daemon.swarm.torrent import PIECE_LENGTH, hole_pieces, wanted_bytes
 from tests.bench.benchkit import (
     MIB,
     build_image,
@@ -258,13 +258,9 @@ def build_layouts(workdir: Path, mib: int, fill: float, seed: int) -> list[Layou
     chunks = Layout(
         "chunk files (ours: delta)", chunk_torrent, store.root, len(unique), sum(unique.values())
     )
-    skip = hole_pieces([(c.hash, c.length) for c in manifest.chunks], manifest.size)
-    skipped = set(skip)
-    payload = sum(
-        min(PIECE_LENGTH, manifest.size - start)
-        for index, start in enumerate(range(0, manifest.size, PIECE_LENGTH))
-        if index not in skipped
-    )
+    chunk_list = [(c.hash, c.length) for c in manifest.chunks]
+    skip = hole_pieces(chunk_list, manifest.size)
+    payload = wanted_bytes(chunk_list, manifest.size)
     whole = Layout(
         "image file (ours: from scratch)",
         store.load_image_torrent(manifest.image_id),

@@ -49,7 +49,7 @@ from imageswarm.daemon.lab import net
 from imageswarm.daemon.lab.hosts import Lab, LabSpec, exec_argv
 from imageswarm.daemon.lab.shaping import format_rate, parse_rate
 from imageswarm.daemon.localcluster import build_ext4, make_tree
-from imageswarm.daemon.swarm.torrent import PIECE_LENGTH, hole_pieces
+from imageswarm.daemon.swarm.torrent import wanted_bytes
 from tests.bench.benchkit import MIB, load_average, machine_line, markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -187,10 +187,8 @@ def build_full_image(workdir: Path, mib: int) -> Path:
 
 def needed_bytes(manifest: dict[str, Any]) -> int:
     """Bytes of the image torrent's pieces that are not wholly holes: what must move."""
-    size = int(manifest["size"])
-    holes = set(hole_pieces([(c["hash"], c["length"]) for c in manifest["chunks"]], size))
-    pieces = -(-size // PIECE_LENGTH)
-    return sum(min(PIECE_LENGTH, size - i * PIECE_LENGTH) for i in range(pieces) if i not in holes)
+    chunks = [(c["hash"], c["length"]) for c in manifest["chunks"]]
+    return wanted_bytes(chunks, int(manifest["size"]))
 
 
 def describe_image(image: Image) -> str:

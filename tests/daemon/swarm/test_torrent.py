@@ -23,6 +23,7 @@ from imageswarm.daemon.swarm.torrent import (
     hole_pieces,
     image_file_name,
     info_hash_v2,
+    wanted_bytes,
 )
 
 SIZES = (1, BLOCK, BLOCK + 1, 100000, PIECE_LENGTH)
@@ -227,5 +228,6 @@ def test_hole_pieces_are_the_pieces_wholly_inside_holes() -> None:
     ]
     assert sum(length for _, length in chunks) == size
     assert hole_pieces(chunks, size) == [1, 6, 7, 8, 9, 10]
+    assert wanted_bytes(chunks, size) == 5 * p  # pieces 0 and 2-5
     assert hole_pieces([("a", size)], size) == []
     assert hole_pieces([(None, size)], size) == list(range(11))
