@@ -258,6 +258,37 @@ async def test_node_refuses_a_tampered_manifest(
     assert _snapshot(store) == before
 
 
+async def _node_holding_v1(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> tuple[TestClient[Any, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Publish v1 and v2; a node on 127.0.0.65 fetches v1 and cuts it into its store.
+    Returns the node, both manifests and the node's final state of its v1 fetch."""
+    ctl = await aiohttp_client(controller)
+    v1, v2, _ = ext4_pair
+    manifests = []
+    for version, image in (("v1", v1), ("v2", v2)):
+        resp = await ctl.post(
+            f"/api/v1/images?name={version}", data=io.BytesIO(image.read_bytes()), headers=_auth()
+        )
+        manifests.append((await resp.json())["manifest"])
+    m1, m2 = manifests
+    node = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
+    await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
+    first = await _wait(node, m1["image_id"])
+    assert first["state"] == "done", first
+    for _ in range(100):  # a whole image is cut into the store after it is done
+        if (await (await node.get(f"/api/v1/images/{m1['image_id']}")).json())["in_store"]:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("v1 was never cut into the node's store")
+    return node, m1, m2, first
+
+
 async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
     tmp_path: Path,
     controller: TestServer,
@@ -265,25 +296,11 @@ async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
     node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
     ext4_pair: tuple[Path, Path, Path],
 ) -> None:
-    ctl = await aiohttp_client(controller)
-    v1, v2, _ = ext4_pair
-    ids = []
-    for version, image in (("v1", v1), ("v2", v2)):
-        resp = await ctl.post(
-            f"/api/v1/images?name={version}", data=io.BytesIO(image.read_bytes()), headers=_auth()
-        )
-        ids.append((await resp.json())["manifest"])
-    m1, m2 = ids
-    node = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
-    await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
-    first = await _wait(node, m1["image_id"])
-    assert (first["state"], first["torrent"]) == ("done", "image"), first  # from scratch
-    for _ in range(100):  # a whole image is cut into the store after it is done
-        if (await (await node.get(f"/api/v1/images/{m1['image_id']}")).json())["in_store"]:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError("v1 was never cut into the node's store")
+    node, m1, m2, first = await _node_holding_v1(
+        tmp_path, controller, aiohttp_client, node_factory, ext4_pair
+    )
+    assert first["torrent"] == "image", first  # from scratch
+    _, v2, _ = ext4_pair
     shared = {c["hash"] for c in m1["chunks"] if c["hash"]} & {
         c["hash"] for c in m2["chunks"] if c["hash"]
     }
@@ -314,22 +331,10 @@ async def test_a_node_holding_some_chunks_fetches_the_whole_image_without_their_
 ) -> None:
     """A node that lost most of v1's chunks takes v2 through the image torrent, but the
     chunks it still holds are copied into the image file instead of downloaded again."""
-    ctl = await aiohttp_client(controller)
-    v1, v2, _ = ext4_pair
-    manifests = []
-    for version, image in (("v1", v1), ("v2", v2)):
-        resp = await ctl.post(
-            f"/api/v1/images?name={version}", data=io.BytesIO(image.read_bytes()), headers=_auth()
-        )
-        manifests.append((await resp.json())["manifest"])
-    m1, m2 = manifests
-    node = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
-    await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
-    assert (await _wait(node, m1["image_id"]))["state"] == "done"
-    for _ in range(100):
-        if (await (await node.get(f"/api/v1/images/{m1['image_id']}")).json())["in_store"]:
-            break
-        await asyncio.sleep(0.1)
+    node, m1, m2, _ = await _node_holding_v1(
+        tmp_path, controller, aiohttp_client, node_factory, ext4_pair
+    )
+    _, v2, _ = ext4_pair
     # Lose the chunks of the first two thirds of the image (as if an older, shorter version
     # were held): the last third stays, in runs long enough to cover whole pieces.
     chunks = tmp_path / "node-127.0.0.65" / "store" / "chunks"
