@@ -25,6 +25,14 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write every byte of `data` to `fd` at `offset`, leaving the file position alone."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new content."""
     path.parent.mkdir(parents=True, exist_ok=True)

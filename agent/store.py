@@ -38,7 +38,7 @@ from imageswarm.agent.errors import (
     ManifestError,
     StoreError,
 )
-from imageswarm.agent.fsutil import atomic_write, fsync_dir, syncfs, write_all
+from imageswarm.agent.fsutil import atomic_write, fsync_dir, pwrite_all, syncfs, write_all
 from imageswarm.agent.keys import PublicKey
 
 _BATCH_BYTES = 64 * 1024 * 1024
@@ -265,7 +265,7 @@ class Store:
                 else:
                     data = self.read_chunk(entry.hash, entry.length)
                     whole.update(data)
-                    os.pwrite(fd, data, offset)
+                    pwrite_all(fd, data, offset)
                 offset += entry.length
             os.ftruncate(fd, offset)
             if whole.hexdigest() != manifest.sha256:
@@ -299,8 +299,7 @@ class Store:
                     except ChunkCorruptError:
                         data = b""  # a bad chunk is simply not used
                     if data:
-                        os.lseek(fd, offset, os.SEEK_SET)
-                        write_all(fd, data)
+                        pwrite_all(fd, data, offset)
                         written += len(data)
                 offset += entry.length
             os.ftruncate(fd, manifest.size)

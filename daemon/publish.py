@@ -19,7 +19,7 @@ from pathlib import Path
 from imageswarm.agent import imagefile
 from imageswarm.agent.chunking import ImageReader, Span
 from imageswarm.agent.errors import InvalidInputError
-from imageswarm.agent.fsutil import fsync_dir, write_all
+from imageswarm.agent.fsutil import fsync_dir, pwrite_all
 from imageswarm.agent.keys import SigningKey
 from imageswarm.agent.manifest import ChunkEntry, Manifest, image_id_for
 from imageswarm.agent.store import Store
@@ -83,8 +83,7 @@ def publish(
                 entries.append(ChunkEntry(piece.name, piece.length))
                 if piece.name is not None and piece.data is not None:
                     writer.add(piece.name, piece.data)
-                    os.lseek(copy_fd, piece.offset, os.SEEK_SET)  # holes stay unwritten
-                    write_all(copy_fd, piece.data)
+                    pwrite_all(copy_fd, piece.data, piece.offset)  # holes stay unwritten
                     files.setdefault(
                         piece.name, TorrentFile(piece.name, piece.length, bytes.fromhex(piece.name))
                     )
