@@ -204,20 +204,27 @@ def published(node: Node, images: Images) -> Published:
     return Published(store_dir, result.manifest.image_id, key)
 
 
-def test_store_image_signed_by_an_untrusted_key_is_refused(
-    node: Node, published: Published, v1: Before
-) -> None:
-    other = keys.generate(node.work / "other.key").public
-    proc = node.agent(
+def _apply_from_store(
+    node: Node, published: Published, trusted: object
+) -> subprocess.CompletedProcess[str]:
+    """`agent apply` of the published image from its store, trusting `trusted`."""
+    return node.agent(
         "apply",
         "--image-id",
         published.image_id,
         "--store",
         str(published.store),
         "--trusted-key",
-        str(other),
+        str(trusted),
         check=False,
     )
+
+
+def test_store_image_signed_by_an_untrusted_key_is_refused(
+    node: Node, published: Published, v1: Before
+) -> None:
+    other = keys.generate(node.work / "other.key").public
+    proc = _apply_from_store(node, published, other)
     _refused(proc, "signed by unknown key", published.key.public.key_id)
     _still_v1(node, v1)
 
@@ -227,16 +234,7 @@ def test_store_manifest_altered_after_signing_is_refused(
 ) -> None:
     manifest = published.store / "manifests" / f"{published.image_id}.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"v2"', b'"v9"', 1))
-    proc = node.agent(
-        "apply",
-        "--image-id",
-        published.image_id,
-        "--store",
-        str(published.store),
-        "--trusted-key",
-        str(published.key.public),
-        check=False,
-    )
+    proc = _apply_from_store(node, published, published.key.public)
     _refused(proc, "signature does not match")
     _still_v1(node, v1)
 
@@ -249,16 +247,7 @@ def test_tampered_store_image_is_refused(node: Node, published: Published, v1: B
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    proc = node.agent(
-        "apply",
-        "--image-id",
-        published.image_id,
-        "--store",
-        str(published.store),
-        "--trusted-key",
-        str(published.key.public),
-        check=False,
-    )
+    proc = _apply_from_store(node, published, published.key.public)
     _refused(proc, published.image_id, "SHA-256", "signed manifest")
     _still_v1(node, v1)
 
