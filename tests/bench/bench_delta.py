@@ -11,7 +11,9 @@ gives the bytes it really received.
 Cases (issue 5): (a) one 1 MiB file changed, (b) a package-sized change (300 files, about
 30 MiB, upgraded), (c) a 1 MiB file inserted first in the build order (so every later file and
 inode moves in ext4, and every later byte shifts in tar), (d) a Debian minbase rebuilt with one
-more package (debootstrap through the apt mirror, cached under .lab/cache/debootstrap).
+more package (debootstrap through the apt mirror, cached under .lab/cache/debootstrap), (d2) the
+same minbase with that package installed into a copy of v1's tree with `dpkg -i` instead (the
+.deb from the same cache), as an image pipeline would: unchanged files keep their mtimes.
 
 Where the new chunks lie is shown by kind (file content, directories, inode tables, ...), and
 other ways of building and cutting the images are measured alongside: for ext4, plain
@@ -20,7 +22,7 @@ builder with v2 from scratch, v2 on v1 with `--mtimes content`, and v2 on v1 wit
 by FastCDC instead of 4 KiB blocks; for tar, GNU tar's default pax headers (with each member's
 atime and ctime) against the ones the table uses (without).
 
-    .venv/bin/python tests/bench/bench_delta.py [--mib 512] [--only a --only d] [--no-wire]
+    .venv/bin/python tests/bench/bench_delta.py [--mib 512] [--only a --only d2] [--no-wire]
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ INSERTED = "boot/config-6.1.0-demo-amd64"
 #: daemons that were stopped just before it.
 WIRE_BASE = 150
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+#: Every case, in the order of a default run.
+CASES = ("a", "b", "c", "d", "d2")
 
 # Kinds of bytes in an image, for "where the new chunks lie".
 NEW_DATA = "new file content"
@@ -191,6 +195,62 @@ def debootstrap(cache: Path, suite: str, package: str | None) -> Path:
     subprocess.run(argv, check=True, capture_output=True, text=True)
     for deb in (part / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()
+    part.rename(tree)
+    return tree
+
+
+def installed_trees(cache: Path, suite: str, package: str) -> Trees:
+    """Case d2: the cached minbase (v1) and a copy of it with `package` installed by dpkg (v2),
+    both cached. No fallback: when the trees cannot be made, the run stops with the reason."""
+    try:
+        v1 = debootstrap(cache, suite, None)
+        v2 = install_into_copy(cache, v1, suite, package)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        why = f"case d2: cannot install {package} into a copy of the {suite} minbase: {detail}"
+        raise SystemExit(why) from exc
+    label = f"Debian {suite} minbase + `{package}` installed into v1's tree with dpkg"
+    return Trees(v1, v2, label)
+
+
+def install_into_copy(cache: Path, v1: Path, suite: str, package: str) -> Path:
+    """`cp -a` of v1's tree with `package` installed by `dpkg -i` in a chroot, once.
+
+    The .deb is the one debootstrap downloaded into the shared cache for case d (if it is not
+    there, case d's rebuild is run to download it). It is copied into the tree's /tmp, installed
+    in a chroot inside a mount namespace of its own (nothing is mounted there: installing `less`
+    with dpkg -i needs no /proc), and removed again. The host's root is only read.
+    """
+    base = cache / "debootstrap"
+    name = f"{suite}-minbase+{package}-installed"
+    tree = base / name
+    if tree.is_dir():
+        return tree
+    debs = base / "debs"
+    found = sorted(debs.glob(f"{package}_*.deb"))
+    if not found:
+        print(f"{package}'s .deb is not in {debs}: running case d's rebuild", file=sys.stderr)
+        debootstrap(cache, suite, package)
+        found = sorted(debs.glob(f"{package}_*.deb"))
+    if len(found) != 1:
+        names = ", ".join(f.name for f in found) or "none"
+        raise OSError(f"need exactly one {package}_*.deb in {debs}, found: {names}")
+    deb = found[0]
+    part = base / f".{name}.part"
+    shutil.rmtree(part, ignore_errors=True)
+    copy_tree(v1, part)
+    inside = part / "tmp" / deb.name
+    shutil.copyfile(deb, inside)
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LC_ALL": "C",
+        "DEBIAN_FRONTEND": "noninteractive",
+    }
+    argv = ["unshare", "--mount", "--propagation", "private", "--", "chroot", str(part)]
+    argv += ["dpkg", "-i", f"/tmp/{deb.name}"]
+    print(f"building {name} (cached in {tree}): {' '.join(argv[5:])}", file=sys.stderr)
+    subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
+    inside.unlink()
     part.rename(tree)
     return tree
 
@@ -562,6 +622,8 @@ def run_case(case: str, work: Path, opts: Options, base: int) -> list[Row]:
     with step(f"case {case}: trees"):
         if case == "d":
             trees = debian_trees(opts.cache, work, opts.suite, opts.package)
+        elif case == "d2":
+            trees = installed_trees(opts.cache, opts.suite, opts.package)
         else:
             trees = synthetic_trees(case, work, opts.mib, opts.seed)
     with step("content hashes (the ideal)"):
@@ -754,9 +816,7 @@ def report(rows: list[Row], load_at_start: float, fs: str, seconds: float) -> st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--mib", type=int, default=512, help="image size in MiB (default 512)")
-    parser.add_argument(
-        "--only", action="append", choices=["a", "b", "c", "d"], help="run only this case"
-    )
+    parser.add_argument("--only", action="append", choices=CASES, help="run only this case")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random trees")
     parser.add_argument("--no-wire", action="store_true", help="skip the real node fetch")
     parser.add_argument(
@@ -768,8 +828,8 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / ".lab/cache",
         help="where debootstrap trees and .debs are kept between runs (default .lab/cache)",
     )
-    parser.add_argument("--suite", default="bookworm", help="Debian suite of case d")
-    parser.add_argument("--package", default="less", help="the extra package of case d")
+    parser.add_argument("--suite", default="bookworm", help="Debian suite of cases d and d2")
+    parser.add_argument("--package", default="less", help="the extra package of cases d and d2")
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temp dir)")
     parser.add_argument(
         "--fs",
@@ -801,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fs == "scratch":
             work = stack.enter_context(scratch_fs(work, 16 * 1024))
         fs = describe_fs(work)
-        for i, case in enumerate(args.only or ["a", "b", "c", "d"]):
+        for i, case in enumerate(args.only or CASES):
             case_dir = work / case
             case_dir.mkdir()
             rows += run_case(case, case_dir, opts, WIRE_BASE + 4 * (i % 2))
