@@ -8,6 +8,10 @@ Each image travels in two torrents (daemon/swarm/torrent.py), and a node picks o
   zeros are never requested. The file is then cut into the store (so the next version can
   come as a delta).
 
+A node downloads only the signed manifest (gzipped) and the image torrent from the controller:
+the chunk torrent is a function of the manifest, so the node builds it and checks its info-hash
+against the signed one (every node of a rollout asks at once, over the controller's link).
+
 libtorrent's "finished" is never trusted alone: once it fires, the node flushes the torrent's
 cache and hashes what is on disk (every chunk and the whole image, or the whole image file).
 What fails is fetched again (bounded). Only then is the manifest committed to the store, so a
@@ -33,9 +37,8 @@ from imageswarm.daemon.config import Config
 from imageswarm.daemon.errors import ControllerError, NotFound
 from imageswarm.daemon.swarm.session import Download, Swarm
 from imageswarm.daemon.swarm.torrent import (
-    TorrentFile,
     check_image_torrent,
-    check_torrent,
+    chunk_torrent,
     hole_pieces,
     image_file_name,
     info_hash_v2,
@@ -185,7 +188,6 @@ class FetchManager:
             try:
                 base = f"/api/v1/images/{st.image_id}"
                 raw = await api.get_bytes(f"{base}/manifest")
-                torrent = await api.get_bytes(f"{base}/torrent")
                 image_torrent = await api.get_bytes(f"{base}/image-torrent")
             except ControllerError as exc:
                 if exc.status == 404:
@@ -194,10 +196,11 @@ class FetchManager:
         manifest = mf.verify(raw, self.config.trusted_keys)
         if manifest.image_id != st.image_id:
             raise ManifestError(f"controller sent the manifest of {manifest.image_id}")
-        chunks = manifest.unique_chunks()
-        check_torrent(torrent, [TorrentFile(h, n, bytes.fromhex(h)) for h, n in chunks.items()])
+        torrent = chunk_torrent(manifest.unique_chunks(), manifest.name)
         if info_hash_v2(torrent) != manifest.info_hash:
-            raise ManifestError("torrent info-hash does not match the signed manifest")
+            raise ManifestError(
+                "the chunk torrent built from the manifest does not have the info-hash it signs"
+            )
         check_image_torrent(
             image_torrent, manifest.image_id, manifest.size, manifest.image_info_hash
         )

@@ -23,12 +23,7 @@ from imageswarm.agent.fsutil import fsync_dir, pwrite_all
 from imageswarm.agent.keys import SigningKey
 from imageswarm.agent.manifest import ChunkEntry, Manifest, image_id_for
 from imageswarm.agent.store import Store
-from imageswarm.daemon.swarm.torrent import (
-    TorrentFile,
-    build_image_torrent,
-    build_torrent,
-    info_hash_v2,
-)
+from imageswarm.daemon.swarm.torrent import build_image_torrent, chunk_torrent, info_hash_v2
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -77,16 +72,14 @@ def publish(
         extents = _extents(raw, fmt)
         kernels = imagefile.kernel_releases(raw, fmt)
         entries: list[ChunkEntry] = []
-        files: dict[str, TorrentFile] = {}
+        chunks: dict[str, int] = {}
         with ImageReader(raw) as reader:
             for piece in reader.pieces(extents):
                 entries.append(ChunkEntry(piece.name, piece.length))
                 if piece.name is not None and piece.data is not None:
                     writer.add(piece.name, piece.data)
                     pwrite_all(copy_fd, piece.data, piece.offset)  # holes stay unwritten
-                    files.setdefault(
-                        piece.name, TorrentFile(piece.name, piece.length, bytes.fromhex(piece.name))
-                    )
+                    chunks.setdefault(piece.name, piece.length)
                 if progress is not None:
                     progress(piece.offset + piece.length, reader.size)
             sha256 = reader.sha256()
@@ -102,7 +95,7 @@ def publish(
         placed = store.image_path(image_id)
         os.replace(copy, placed)
         fsync_dir(store.images_dir)
-        torrent = build_torrent(list(files.values()), comment=f"imageswarm {name}")
+        torrent = chunk_torrent(chunks, name)
         image_torrent = build_image_torrent(image_id, size, leaves)
         manifest = Manifest(
             image_id=image_id,
@@ -132,7 +125,7 @@ def publish(
         "published %s (%s): %d chunks, %d new (%d bytes)",
         image_id,
         name,
-        len(files),
+        len(chunks),
         writer.written,
         writer.bytes_written,
     )

@@ -6,6 +6,8 @@ Every refusal is a problem document that names what is wrong and leaves state as
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gzip
 import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from imageswarm.agent import keys
+from imageswarm.agent import manifest as mf
 from imageswarm.daemon import config as cfgmod
 from imageswarm.daemon.app import create_app
 from imageswarm.daemon.appkeys import STORE
@@ -256,6 +259,69 @@ async def test_node_refuses_a_tampered_manifest(
     state = await _wait(node, manifest["image_id"])
     assert state["state"] == "failed" and "altered" in state["error"], state
     assert _snapshot(store) == before
+
+
+async def test_node_refuses_a_signed_manifest_whose_chunk_torrent_differs(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    aiohttp_server: ServerFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    """The node builds the chunk torrent from the manifest (it never downloads it) and checks
+    it against the info-hash the manifest signs: a manifest signed by a trusted key whose
+    info-hash is not that of its own chunks (a broken publisher) is refused."""
+    ctl = await aiohttp_client(controller)
+    v1, _, _ = ext4_pair
+    data = (
+        await (
+            await ctl.post(
+                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+            )
+        ).json()
+    )["manifest"]
+    key = keys.load(tmp_path / "controller-127.0.0.60" / "signing.key")
+    good = mf.parse(mf.dumps(data))
+    bad = dataclasses.replace(good, info_hash="0" * 64).signed(key)
+
+    async def manifest_handler(request: web.Request) -> web.Response:
+        return web.Response(body=bad.raw, content_type="application/json")
+
+    async def image_torrent_handler(request: web.Request) -> web.Response:
+        resp = await ctl.get(f"/api/v1/images/{good.image_id}/image-torrent")
+        return web.Response(body=await resp.read())
+
+    evil = web.Application()
+    evil.router.add_get("/api/v1/images/{id}/manifest", manifest_handler)
+    evil.router.add_get("/api/v1/images/{id}/image-torrent", image_torrent_handler)
+    await aiohttp_server(evil, host="127.0.0.63", port=7700)
+    node = await node_factory("127.0.0.64", [_controller_key(tmp_path)], "http://127.0.0.63:7700")
+    store = tmp_path / "node-127.0.0.64" / "store"
+    before = _snapshot(store)
+    await node.post(f"/api/v1/images/{good.image_id}/fetch", headers=_auth())
+    state = await _wait(node, good.image_id)
+    assert state["state"] == "failed" and "info-hash" in state["error"], state
+    assert _snapshot(store) == before
+
+
+async def test_controller_gzips_the_manifest_for_clients_that_accept_it(
+    controller: TestServer, aiohttp_client: ClientFactory, ext4_pair: tuple[Path, Path, Path]
+) -> None:
+    ctl = await aiohttp_client(controller)
+    v1, _, _ = ext4_pair
+    resp = await ctl.post(
+        "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+    )
+    image_id = (await resp.json())["manifest"]["image_id"]
+    url = f"/api/v1/images/{image_id}/manifest"
+    plain = await ctl.get(url, headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers
+    raw = await plain.read()
+    packed = await ctl.get(url, headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert packed.headers["Content-Encoding"] == "gzip"
+    body = await packed.read()
+    assert gzip.decompress(body) == raw and len(body) < len(raw) / 2
 
 
 async def _node_holding_v1(

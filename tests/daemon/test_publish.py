@@ -14,7 +14,12 @@ from imageswarm.agent import keys
 from imageswarm.agent.errors import ImageFormatError, InvalidInputError
 from imageswarm.agent.store import Store
 from imageswarm.daemon.publish import publish
-from imageswarm.daemon.swarm.torrent import TorrentFile, check_image_torrent, check_torrent
+from imageswarm.daemon.swarm.torrent import (
+    TorrentFile,
+    check_image_torrent,
+    check_torrent,
+    chunk_torrent,
+)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -58,10 +63,12 @@ def test_cli_publish_json_and_store_contents(
     store = Store.open(store_dir)
     public = keys.PublicKey.parse(key_out.stdout.strip())
     manifest = store.load_manifest(data["image_id"], [public])
+    torrent = store.load_torrent(manifest.image_id)
     check_torrent(
-        store.load_torrent(manifest.image_id),
-        [TorrentFile(h, n, bytes.fromhex(h)) for h, n in manifest.unique_chunks().items()],
+        torrent, [TorrentFile(h, n, bytes.fromhex(h)) for h, n in manifest.unique_chunks().items()]
     )
+    # What a node builds from the signed manifest instead of downloading it: the same bytes.
+    assert chunk_torrent(manifest.unique_chunks(), manifest.name) == torrent
     assert store.assemble(manifest, tmp_path / "out.img").read_bytes() == v1.read_bytes()
     # The image torrent's file is written in the same pass, sparse where the image has holes.
     copy = store.image_path(manifest.image_id)
