@@ -12,12 +12,14 @@ A node downloads only the signed manifest (gzipped) and the image torrent from t
 the chunk torrent is a function of the manifest, so the node builds it and checks its info-hash
 against the signed one (every node of a rollout asks at once, over the controller's link).
 
-libtorrent's "finished" is never trusted alone: once it fires, the node flushes the torrent's
-cache and hashes what is on disk (every chunk and the whole image, or the whole image file).
-What fails is fetched again (bounded). Only then is the manifest committed to the store, so a
-crash at any point leaves no half-held image behind. Once held, the node seeds the image in
-both torrents. The controller's web seed is added only when peers stall, so the controller
-sends little more than one copy per swarm.
+libtorrent's "finished" is never trusted alone: what is on disk is proven. A delta's chunks and
+the image rebuilt from them are hashed once it fires and the cache is flushed; a whole image
+file is checked piece by piece against the signed image torrent, mostly while it downloads
+(daemon/swarm/piececheck.py), so only its last pieces are left at the end. What fails is
+fetched again (bounded). Only then is the manifest committed to the store, so a crash at any
+point leaves no half-held image behind. Once held, the node seeds the image in both torrents.
+The controller's web seed is added only when peers stall, so the controller sends little more
+than one copy per swarm.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from imageswarm.agent.store import Store
 from imageswarm.daemon.client import ApiClient
 from imageswarm.daemon.config import Config
 from imageswarm.daemon.errors import ControllerError, NotFound
+from imageswarm.daemon.swarm.piececheck import PieceChecker
 from imageswarm.daemon.swarm.session import Download, Swarm
 from imageswarm.daemon.swarm.torrent import (
     check_image_torrent,
@@ -46,6 +49,7 @@ from imageswarm.daemon.swarm.torrent import (
 
 log = logging.getLogger(__name__)
 _RETRIES = 3
+_PROVE_EVERY = 1.0  # seconds between checks of the pieces a whole-image download got
 #: Fetch the whole image instead of chunks when the store lacks more than this share of its
 #: chunk bytes: below it, the delta is small and the chunk torrent's per-file cost is harmless.
 WHOLE_IMAGE_ABOVE = 0.5
@@ -286,14 +290,20 @@ class FetchManager:
         if prefill:
             local = await asyncio.to_thread(self.store.prefill, manifest, path)
             st.bytes_by_source = {"local": local}
+        checker = PieceChecker(path, torrent, manifest.size)
         dl = await self.swarm.add(torrent, partial, trackers=[self._announce()], skip_pieces=skip)
         self._downloads[st.image_id] = dl
         for attempt in range(_RETRIES + 1):
-            await self._download(st, dl)
+            proving = asyncio.create_task(self._prove_as_they_come(dl, checker))
+            try:
+                await self._download(st, dl)
+            finally:
+                proving.cancel()
+                await asyncio.gather(proving, return_exceptions=True)
             st.state = "verifying"
             await dl.flush()
             try:
-                await asyncio.to_thread(self.store.check_image, manifest, path)
+                await asyncio.to_thread(self._prove_image, manifest, checker)
                 break
             except ChunkCorruptError as exc:
                 log.warning("%s: %s; checking every piece again", st.image_id, exc)
@@ -304,6 +314,33 @@ class FetchManager:
         self._refresh(st, dl)
         await dl.remove()  # the file moves to images/, where its seed is added again
         self.store.place_image(st.image_id, path)
+
+    async def _prove_as_they_come(self, dl: Download, checker: PieceChecker) -> None:
+        """Check pieces on disk as libtorrent gets them, so that few are left at the end.
+        libtorrent keeps written blocks in memory for a while: the pieces it had before a
+        flush of its cache are on disk after it."""
+        while True:
+            await asyncio.sleep(_PROVE_EVERY)
+            had = dl.pieces_had()
+            ready = [index for index in checker.unchecked() if had[index]]
+            if not ready:
+                continue
+            try:
+                await dl.flush()
+                await asyncio.to_thread(checker.check, ready)
+            except (ImageSwarmError, OSError) as exc:  # the last check at the end decides
+                log.debug("%s: checking pieces while downloading: %s", dl.info_hash, exc)
+
+    def _prove_image(self, manifest: mf.Manifest, checker: PieceChecker) -> None:
+        """Prove the rest of a downloaded image (blocking): every piece must match the signed
+        image torrent; then the file is made whole and durable."""
+        self.store.complete_image(manifest, checker.path)
+        bad = checker.check(checker.unchecked())
+        if bad:
+            raise ChunkCorruptError(
+                f"{len(bad)} pieces of image {manifest.image_id} differ on disk from its signed "
+                f"image torrent (first: piece {bad[0]})"
+            )
 
     async def _download(self, st: FetchState, dl: Download) -> None:
         finished = asyncio.ensure_future(dl.finished())

@@ -213,6 +213,10 @@ class Download:
         """Connect to a peer directly (subject to the allowed CIDRs)."""
         self._live_handle().connect_peer((host, port))
 
+    def pieces_had(self) -> list[bool]:
+        """For every piece, whether libtorrent has it (downloaded and hash-checked)."""
+        return list(self._live_handle().status(lt.torrent_handle.query_pieces).pieces)
+
     def add_web_seed(self, url: str) -> None:
         """Add an HTTP seed: ``url`` + the torrent's path of a file serves that file
         (``chunks/ab/<hash>`` for a chunk torrent, ``<image_id>.img`` for an image torrent)."""

@@ -268,6 +268,27 @@ def check_image_torrent(torrent: bytes, image_id: str, size: int, info_hash: str
         raise ManifestError(f"libtorrent refuses the image torrent ({err}).") from None
 
 
+def image_piece_hashes(torrent: bytes, size: int) -> list[bytes]:
+    """The expected hash of every piece of an image torrent's file of ``size`` bytes: its piece
+    layer, or for a file of one piece its pieces root. Check the torrent against the signed
+    manifest first (``check_image_torrent``): this only reads it."""
+    decoded = _decode(torrent)
+    info: dict[bytes, Any] = decoded[b"info"]
+    try:
+        (leaf,) = [node[b""] for node in info[b"file tree"].values()]
+        root = leaf[b"pieces root"]
+    except (KeyError, TypeError, ValueError):
+        raise ManifestError("The image torrent does not hold exactly one file.") from None
+    if leaf.get(b"length") != size or not isinstance(root, bytes) or len(root) != 32:
+        raise ManifestError(f"The image torrent does not hold one file of {size} bytes.")
+    if size <= PIECE_LENGTH:
+        return [root]
+    layer = decoded.get(b"piece layers", {}).get(root, b"")
+    if not isinstance(layer, bytes) or len(layer) != 32 * -(-size // PIECE_LENGTH):
+        raise ManifestError("The image torrent's piece layer does not cover the image.")
+    return [layer[i : i + 32] for i in range(0, len(layer), 32)]
+
+
 def hole_pieces(chunks: Sequence[tuple[str | None, int]], size: int) -> list[int]:
     """Indexes of the image torrent's pieces that lie wholly in holes (chunks without a hash):
     all zeros, so nobody needs to request them."""

@@ -21,8 +21,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from imageswarm.agent import keys
 from imageswarm.agent import manifest as mf
 from imageswarm.daemon import config as cfgmod
+from imageswarm.daemon import fetch as fetchmod
 from imageswarm.daemon.app import create_app
 from imageswarm.daemon.appkeys import STORE
+from imageswarm.daemon.swarm.session import Download
+from imageswarm.daemon.swarm.torrent import PIECE_LENGTH
 
 TOKEN = "s3cret"
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -186,6 +189,56 @@ async def test_node_fetches_verifies_and_answers_idempotently(
     third = await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
     assert (await third.json())["state"] == "done"
     await _problem(await node.get("/api/v1/images/ffffffffffffffff"), 404)
+
+
+def _flip_first_data_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        data = f.read(PIECE_LENGTH)
+        at = next(i for i, b in enumerate(data) if b)
+        f.seek(at)
+        f.write(bytes([data[at] ^ 0xFF]))
+
+
+async def test_a_whole_image_piece_spoiled_on_disk_is_found_and_fetched_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    """libtorrent says it has every piece, but one differs on disk when the fetch proves the
+    file against the signed image torrent: libtorrent checks the file again, fetches the
+    piece again, and the image ends exactly the published one."""
+    ctl = await aiohttp_client(controller)
+    v1, _, _ = ext4_pair
+    manifest = (
+        await (
+            await ctl.post(
+                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
+            )
+        ).json()
+    )["manifest"]
+    monkeypatch.setattr(fetchmod, "_PROVE_EVERY", 3600.0)  # nothing proven before the end
+    spoiled: list[Path] = []
+    flush = Download.flush
+
+    async def flush_then_spoil(self: Download) -> None:
+        await flush(self)
+        partial = tmp_path / "node-127.0.0.66" / "store" / "partial"
+        files = list(partial.glob("*.img"))
+        if files and not spoiled:  # once
+            await asyncio.to_thread(_flip_first_data_byte, files[0])
+            spoiled.append(files[0])
+
+    monkeypatch.setattr(Download, "flush", flush_then_spoil)
+    node = await node_factory("127.0.0.66", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
+    await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
+    state = await _wait(node, manifest["image_id"])
+    assert (state["state"], state["torrent"]) == ("done", "image"), state
+    assert spoiled
+    image = tmp_path / "node-127.0.0.66" / "store" / "images" / f"{manifest['image_id']}.img"
+    assert image.read_bytes() == v1.read_bytes()
 
 
 async def test_node_refuses_unknown_images_and_untrusted_keys(
