@@ -9,11 +9,13 @@ libtorrent verifies on the wire is the very name the store and the signed manife
 from __future__ import annotations
 
 import hashlib
+import re
 
 BLOCK = 16 * 1024
 #: Largest chunk; also the torrent's piece length, so every chunk file is exactly one piece.
 MAX_CHUNK = 256 * 1024
 _ZERO_LEAF = bytes(32)
+_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 def merkle_root(layer: list[bytes], pad: bytes = _ZERO_LEAF) -> bytes:
@@ -60,4 +62,4 @@ def chunk_name(data: bytes | bytearray | memoryview) -> str:
 
 def is_chunk_name(text: str) -> bool:
     """True when `text` is 64 lowercase hex digits."""
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+    return _NAME.fullmatch(text) is not None

@@ -8,7 +8,7 @@ import os
 import random
 from pathlib import Path
 
-from imageswarm.agent.chunkhash import MAX_CHUNK, block_hashes, pieces_root
+from imageswarm.agent.chunkhash import MAX_CHUNK, block_hashes, is_chunk_name, pieces_root
 from imageswarm.agent.chunking import MIN_CHUNK, ImageReader, Piece, Span, segments
 
 
@@ -104,3 +104,10 @@ def test_leaf_hashes_cover_the_image_in_16k_blocks_whatever_the_cuts(tmp_path: P
             pass
         assert reader.sha256() == hashlib.sha256(data).hexdigest()
         assert reader.leaf_hashes() == block_hashes(data)
+
+
+def test_chunk_names_are_64_lowercase_hex_digits() -> None:
+    name = pieces_root(b"x").hex()
+    assert is_chunk_name(name)
+    for bad in (name.upper(), name[:-1], name + "0", name + "\n", "g" * 64, ""):
+        assert not is_chunk_name(bad), bad
