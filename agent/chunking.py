@@ -8,9 +8,9 @@ Cut points come from three places, in this order of precedence:
    files (inode tables, bitmaps, directories) is cut into 4 KiB pieces, the filesystem's
    blocks, the unit in which it changes, so one changed inode or bitmap bit costs 4 KiB.
 
-Segments shorter than the minimum chunk are merged into their neighbour so that a tree of tiny
-files does not flood the torrent with tiny pieces. The whole-image SHA-256 and the image's
-BEP 52 leaf layer (SHA-256 of every 16 KiB block, for the single-file image torrent) are
+Runs of files shorter than the minimum chunk are merged (never with a larger file), so that a
+tree of tiny files does not flood the torrent with tiny pieces. The whole-image SHA-256 and the
+image's BEP 52 leaf layer (SHA-256 of every 16 KiB block, for the single-file image torrent) are
 computed on a worker thread from the same mapped pages while the main thread cuts and names
 chunks.
 """
@@ -60,10 +60,14 @@ class Piece:
 def segments(size: int, extents: Sequence[Span] | None) -> list[tuple[int, int, bool]]:
     """Split [0, size) at every extent edge into (start, end, is_file_data) segments.
 
-    File data shorter than MIN_CHUNK is merged with adjacent file data (so a tree of tiny
-    files does not become a torrent of tiny pieces). Metadata is never merged into file data:
-    it changes on every build (timestamps, checksums seeded by the filesystem UUID), and a
-    metadata block glued to a file would make that file's chunk change with it.
+    Runs of adjacent files shorter than MIN_CHUNK are merged into one segment (so a tree of
+    tiny files does not become a torrent of tiny pieces), but a file of MIN_CHUNK or more is
+    never merged with them: it is cut by its own content wherever it lies, and a rewritten small
+    file beside it changes only its own run's chunks (a Debian minbase with one package
+    installed: 1.65x -> 1.46x the ideal delta, for 2-6% more chunks; docs/benchmarks.md).
+    Metadata is never merged into file data: it changes on every build (timestamps, checksums
+    seeded by the filesystem UUID), and a metadata block glued to a file would make that
+    file's chunk change with it.
     """
     edges: dict[int, bool] = {0: False}
     for ext in extents or ():
@@ -73,14 +77,25 @@ def segments(size: int, extents: Sequence[Span] | None) -> list[tuple[int, int, 
             edges.setdefault(ext.end, False)
     ordered = sorted(edges.items())
     out: list[tuple[int, int, bool]] = []
+    small_run = False  # out[-1] is a run of files each shorter than MIN_CHUNK
     for (start, is_file), (end, _) in itertools.pairwise([*ordered, (size, False)]):
         if end <= start:
             continue
-        short = end - start < MIN_CHUNK or (out and out[-1][1] - out[-1][0] < MIN_CHUNK)
-        if out and short and (is_file == out[-1][2] or extents is None):
-            out[-1] = (out[-1][0], end, is_file)
-        else:
-            out.append((start, end, is_file))
+        short = end - start < MIN_CHUNK
+        if is_file and out and out[-1][2]:
+            if short and small_run:
+                out[-1] = (out[-1][0], end, True)
+                continue
+        elif (
+            out
+            and not is_file
+            and not out[-1][2]
+            and (short or out[-1][1] - out[-1][0] < MIN_CHUNK)
+        ):
+            out[-1] = (out[-1][0], end, False)
+            continue
+        out.append((start, end, is_file))
+        small_run = is_file and short
     return out
 
 

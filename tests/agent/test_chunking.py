@@ -92,6 +92,30 @@ def test_segments_merge_tiny_files_but_never_glue_metadata_to_files() -> None:
     assert MIN_CHUNK == 16 * 1024
 
 
+def test_small_files_merge_only_with_small_files() -> None:
+    """A run of files under MIN_CHUNK is one segment, but a file of MIN_CHUNK or more next to
+    it (before or after) is never merged into it: it is cut by its own content."""
+    size = 1 << 20
+    big, small = 40_000, 3_000
+    files = [
+        Span(0, big),  # a large file, then a run of three small ones touching it
+        Span(big, small),
+        Span(big + small, small),
+        Span(big + 2 * small, small),
+        Span(big + 3 * small, big),  # another large file right after the run
+        Span(2 * big + 3 * small, small),  # and a lone small file after it
+    ]
+    segs = segments(size, files)
+    end = 2 * big + 4 * small
+    assert segs[:4] == [
+        (0, big, True),
+        (big, big + 3 * small, True),
+        (big + 3 * small, 2 * big + 3 * small, True),
+        (2 * big + 3 * small, end, True),
+    ]
+    assert segs[4:] == [(end, size, False)]
+
+
 def test_leaf_hashes_cover_the_image_in_16k_blocks_whatever_the_cuts(tmp_path: Path) -> None:
     """The image torrent's leaf layer comes from the same pass; segment ends (here extents
     at odd 4 KiB offsets) must not shift the 16 KiB blocks."""
