@@ -17,10 +17,16 @@ same minbase with that package installed into a copy of v1's tree with `dpkg -i`
 
 Where the new chunks lie is shown by kind (file content, directories, inode tables, ...), and
 other ways of building and cutting the images are measured alongside: for ext4, plain
-`mkfs.ext4 -d` with metadata cut by FastCDC 4/8/64 KiB (what the project did before), the
-builder with v2 from scratch, v2 on v1 with `--mtimes content`, and v2 on v1 with metadata cut
-by FastCDC instead of 4 KiB blocks; for tar, GNU tar's default pax headers (with each member's
-atime and ctime) against the ones the table uses (without).
+`mkfs.ext4 -d` with metadata cut by FastCDC 4/8/64 KiB (how the project built and cut images
+before its builder; files segmented as `chunking.segments` does now), the builder with v2 from
+scratch, v2 on v1 with `--mtimes content`, v2 on v1 with metadata cut by FastCDC instead of
+4 KiB blocks, and v2 on v1 with every file a segment of its own (files under 16 KiB not merged
+even with each other); for tar, GNU tar's default pax headers (with each member's atime and
+ctime) against the ones the table uses (without). On both formats, the table's images cut as
+before the current default (files under 16 KiB merged with adjacent file data of any size; now
+they are merged only with each other) and three candidate cuts that were measured and not
+adopted (docs/benchmarks.md, Delta): runs of small files in content-defined groups of whole
+files, or cut by FastCDC 4/16/64 KiB instead of merged; and metadata cut into 1 KiB pieces.
 
     .venv/bin/python tests/bench/bench_delta.py [--mib 512] [--only a --only d2] [--no-wire]
 """
@@ -33,6 +39,7 @@ import bisect
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -45,7 +52,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,7 @@ if not __package__:  # run as a script: make the repository's `tests.bench` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from imageswarm.agent import chunking, imagebuild
+from imageswarm.agent.chunkhash import MAX_CHUNK, pieces_root
 from imageswarm.agent.manifest import Manifest
 from imageswarm.agent.store import Store
 from imageswarm.daemon.localcluster import LocalCluster, make_tree
@@ -366,8 +374,9 @@ def fastcdc_metadata() -> Iterator[None]:
 
 @contextlib.contextmanager
 def unmerged_small_files() -> Iterator[None]:
-    """Publish with every file's data a segment of its own: files under 16 KiB are no longer
-    merged with their neighbours into one chunk (more, smaller chunks)."""
+    """Publish with every file's data a segment of its own: runs of files under 16 KiB are no
+    longer merged into one segment (more, smaller chunks). With MIN_CHUNK at 1 no segment is
+    short, so `chunking.segments` merges nothing and every extent edge ends a segment."""
     merging = chunking.segments
 
     def segments(size: int, extents: Sequence[chunking.Span] | None) -> Segments:
@@ -375,6 +384,187 @@ def unmerged_small_files() -> Iterator[None]:
             return merging(size, extents)
 
     with mock.patch.object(chunking, "segments", segments):
+        yield
+
+
+def segments_before(size: int, extents: Sequence[chunking.Span] | None) -> Segments:
+    """`chunking.segments` as it was before runs of small files were kept apart from larger
+    files: file data shorter than MIN_CHUNK was merged with the adjacent file data whatever its
+    size (and the segment after a short one into it), so a rewritten small file also changed
+    the chunk of a large file beside it. Metadata was never merged into file data."""
+    edges: dict[int, bool] = {0: False}
+    for ext in extents or ():
+        if ext.offset < size:
+            edges[ext.offset] = True
+        if 0 < ext.end < size:
+            edges.setdefault(ext.end, False)
+    ordered = sorted(edges.items())
+    out: Segments = []
+    for (start, is_file), (end, _) in itertools.pairwise([*ordered, (size, False)]):
+        if end <= start:
+            continue
+        short = end - start < chunking.MIN_CHUNK or (
+            out and out[-1][1] - out[-1][0] < chunking.MIN_CHUNK
+        )
+        if out and short and (is_file == out[-1][2] or extents is None):
+            out[-1] = (out[-1][0], end, is_file)
+        else:
+            out.append((start, end, is_file))
+    return out
+
+
+@contextlib.contextmanager
+def small_files_merged_before() -> Iterator[None]:
+    """Publish with the table's images segmented as before the current default: files under
+    16 KiB merged with adjacent file data of any size (`segments_before`)."""
+    with mock.patch.object(chunking, "segments", segments_before):
+        yield
+
+
+#: How one run of an image (no holes in it) is cut: (start, length) of each piece in the run.
+Cuts = Callable[[memoryview], list[tuple[int, int]]]
+#: (start, end, how to cut it) of each segment of an image, in order, covering it.
+Plan = list[tuple[int, int, Cuts]]
+#: How a run of adjacent small files, given as its (start, end) extents, is segmented.
+SmallFiles = Callable[[memoryview, list[tuple[int, int]]], Plan]
+#: The group sizes of the `file_groups` candidate: a group ends at a file boundary once it
+#: holds GROUP_MIN bytes, chosen by content, on average GROUP_AVG, never past GROUP_MAX.
+GROUP_MIN, GROUP_AVG, GROUP_MAX = 16 * KIB, 32 * KIB, 64 * KIB
+
+
+def fastcdc_cuts(min_size: int, avg_size: int, max_size: int) -> Cuts:
+    cdc = FastCDC(avg_size, min_size=min_size, max_size=max_size)
+
+    def cuts(run: memoryview) -> list[tuple[int, int]]:
+        return [(c.offset, c.length) for c in cdc.cut_buf(run)]
+
+    return cuts
+
+
+def one_piece(run: memoryview) -> list[tuple[int, int]]:
+    return [(0, len(run))]
+
+
+def small_file_plan(
+    image: memoryview, size: int, extents: Sequence[chunking.Span] | None, small: SmallFiles
+) -> Plan:
+    """Segments as `chunking.segments` makes them (file data of at least MIN_CHUNK cut alone by
+    FastCDC 16/64/256 KiB, metadata in META_BLOCK pieces), except that each run of adjacent
+    files under MIN_CHUNK is segmented by `small` instead of merged into one segment and cut by
+    that FastCDC."""
+    file_cuts = fastcdc_cuts(chunking.MIN_CHUNK, chunking.AVG_CHUNK, MAX_CHUNK)
+    if extents is None:
+        return [(0, size, file_cuts)]
+    with mock.patch.object(chunking, "MIN_CHUNK", 1):  # a segment at every extent edge
+        each = chunking.segments(size, extents)
+    plan: Plan = []
+    run: list[tuple[int, int]] = []
+    for start, end, is_file in each:
+        if is_file and end - start < chunking.MIN_CHUNK:
+            run.append((start, end))  # segments are consecutive: adjacent to the run's last
+            continue
+        if run:
+            plan += small(image, run)
+            run = []
+        plan.append((start, end, file_cuts if is_file else chunking._metadata_cuts))
+    if run:
+        plan += small(image, run)
+    return plan
+
+
+def _fraction(data: memoryview) -> float:
+    """The content's SHA-256 read as a number in [0, 1)."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2**64
+
+
+def file_groups(image: memoryview, run: list[tuple[int, int]]) -> Plan:
+    """Adjacent small files in groups, each group one piece, ended only at file boundaries.
+
+    A group ends after a file once it holds GROUP_MIN bytes and the file's own content chooses
+    to (its hash, as a fraction, is below its size / (GROUP_AVG - GROUP_MIN)), or when the next
+    file would take it past GROUP_MAX, or at the run's end. So a rewritten or removed file
+    changes its own group, and the groups after it fall back into step at the next boundary
+    chosen at least GROUP_MIN after the change."""
+    plan: Plan = []
+    first = run[0][0]
+    for i, (start, end) in enumerate(run):
+        if i + 1 < len(run) and run[i + 1][1] - first <= GROUP_MAX:
+            if end - first < GROUP_MIN:
+                continue
+            with image[start:end] as data:
+                if _fraction(data) >= (end - start) / (GROUP_AVG - GROUP_MIN):
+                    continue
+        plan.append((first, end, one_piece))
+        first = end
+    return plan
+
+
+def planned_pieces(small: SmallFiles) -> Callable[..., Iterator[chunking.Piece]]:
+    """`ImageReader.pieces`, with the segments and their cuts from `small_file_plan`."""
+
+    def pieces(
+        self: chunking.ImageReader, extents: Sequence[chunking.Span] | None = None
+    ) -> Iterator[chunking.Piece]:
+        if self._map is None:
+            return
+        hole: chunking.Span | None = None
+        with memoryview(self._map) as whole_view:
+            for seg_start, seg_end, cut in small_file_plan(whole_view, self.size, extents, small):
+                self._hash_until(seg_end)
+                segment = whole_view[seg_start:seg_end]
+                for start, end, is_hole in chunking._zero_runs(segment, seg_start):
+                    if is_hole:
+                        if hole is not None and hole.end == seg_start + start:
+                            hole = chunking.Span(hole.offset, hole.length + end - start)
+                        else:
+                            hole = chunking.Span(seg_start + start, end - start)
+                        continue
+                    if hole is not None:
+                        yield chunking.Piece(hole.offset, hole.length, None, None)
+                        hole = None
+                    run = segment[start:end]
+                    for offset, length in cut(run):
+                        data = run[offset : offset + length]
+                        name = pieces_root(data).hex()
+                        yield chunking.Piece(seg_start + start + offset, length, name, data)
+                        data.release()
+                    run.release()
+                segment.release()
+        if hole is not None:
+            yield chunking.Piece(hole.offset, hole.length, None, None)
+
+    return pieces
+
+
+@contextlib.contextmanager
+def small_files_cut(small: SmallFiles) -> Iterator[None]:
+    """Publish with files of 16 KiB or more cut alone (as by default) and runs of smaller files
+    by `small`."""
+    with mock.patch.object(chunking.ImageReader, "pieces", planned_pieces(small)):
+        yield
+
+
+@contextlib.contextmanager
+def small_files_grouped() -> Iterator[None]:
+    """Candidate: runs of small files in content-defined groups of whole files (16/32/64 KiB),
+    one chunk each, instead of merged and cut by FastCDC 16/64/256 KiB."""
+    with small_files_cut(file_groups):
+        yield
+
+
+@contextlib.contextmanager
+def small_files_small_cdc() -> Iterator[None]:
+    """Candidate: runs of small files merged and cut by a smaller FastCDC, 4/16/64 KiB, instead
+    of the files' 16/64/256 KiB."""
+    small = fastcdc_cuts(4 * KIB, 16 * KIB, 64 * KIB)
+    with small_files_cut(lambda _image, run: [(run[0][0], run[-1][1], small)]):
+        yield
+
+
+@contextlib.contextmanager
+def metadata_1k() -> Iterator[None]:
+    """Candidate: filesystem metadata cut into 1 KiB pieces instead of 4 KiB blocks."""
+    with mock.patch.object(chunking, "META_BLOCK", 1024):  # read by _metadata_cuts
         yield
 
 
@@ -678,13 +868,32 @@ def run_case(case: str, work: Path, opts: Options, base: int) -> list[Row]:
     return rows
 
 
+#: "(before)": how images were built and their metadata cut before the builder; their files are
+#: segmented as `chunking.segments` does now.
 PLAIN = "plain mkfs -d, v2 from scratch, metadata by FastCDC (before)"
 SCRATCH = "imagebuild, v2 from scratch"
 CONTENT = "imagebuild, v2 on v1, --mtimes content"
 FASTCDC = "imagebuild, v2 on v1, metadata by FastCDC 4/8/64 KiB"
 SMALL = "imagebuild, v2 on v1, small files cut at file boundaries"
-EXT4_VARIANTS = (PLAIN, SCRATCH, CONTENT, FASTCDC, SMALL)
-TAR_VARIANTS = ("tar --xattrs (pax atime, ctime kept)",)
+TAR_XATTRS = "tar --xattrs (pax atime, ctime kept)"
+Recut = Callable[[], contextlib.AbstractContextManager[None]]
+#: Cuts measured on both formats (the table's own images, cut another way): the previous
+#: default, then the candidates that were not adopted.
+CANDIDATES: dict[str, Recut] = {
+    "small files merged with neighbours of any size (before)": small_files_merged_before,
+    "small files in content-defined groups of 16/32/64 KiB": small_files_grouped,
+    "small files cut by FastCDC 4/16/64 KiB": small_files_small_cdc,
+    "metadata cut at 1 KiB": metadata_1k,
+}
+#: The table's images cut another way, by variant name, and how.
+RECUTS: dict[str, Recut] = {
+    FASTCDC: fastcdc_metadata,
+    SMALL: unmerged_small_files,
+    **{f"imagebuild, v2 on v1, {cut}": recut for cut, recut in CANDIDATES.items()},
+    **{f"pax, no atime/ctime, {cut}": recut for cut, recut in CANDIDATES.items()},
+}
+EXT4_VARIANTS = (PLAIN, SCRATCH, CONTENT, *(n for n in RECUTS if n.startswith("imagebuild")))
+TAR_VARIANTS = (TAR_XATTRS, *(n for n in RECUTS if n.startswith("pax")))
 
 
 def variants(
@@ -702,7 +911,7 @@ def variants(
     for name in TAR_VARIANTS if fmt == "tar" else EXT4_VARIANTS:
         first, second = work / "v1.variant", work / "v2.variant"
         start = time.monotonic()
-        if name == TAR_VARIANTS[0]:
+        if name == TAR_XATTRS:
             build_tar(trees.v1, first)
             start = time.monotonic()
             build_tar(trees.v2, second)
@@ -721,12 +930,12 @@ def variants(
         else:  # the table's images, cut another way
             shutil.copyfile(images[0], first)
             shutil.copyfile(images[1], second)
-        seconds = time.monotonic() - start if name not in (FASTCDC, SMALL) else float("nan")
+        seconds = time.monotonic() - start if name not in RECUTS else float("nan")
         with contextlib.ExitStack() as cuts:
-            if name in (PLAIN, FASTCDC):
+            if name == PLAIN:
                 cuts.enter_context(fastcdc_metadata())
-            if name == SMALL:
-                cuts.enter_context(unmerged_small_files())
+            if name in RECUTS:
+                cuts.enter_context(RECUTS[name]())
             m1, m2, new_bytes = store_delta(first, second, work / "store-variant")
         labeller = tar_labels if fmt == "tar" else ext4_labels
         kinds = breakdown(new_chunk_ranges(m1, m2), labeller(second, after, old))
