@@ -323,15 +323,22 @@ class Store:
             f.truncate(manifest.size)
             os.fsync(f.fileno())
 
-    def take_chunks(self, manifest: mf.Manifest, path: Path) -> int:
+    def take_chunks(self, manifest: mf.Manifest, path: Path, *, verify: bool = False) -> int:
         """Store, durably, the chunks of a proven image file (see `complete_image`) that the
-        store lacks; return how many. They need no hashing of their own: the file is the
-        signed image, so the bytes at each listed offset are the chunks the publisher named."""
+        store lacks; return how many. Just proven, they need no hashing of their own: the
+        file is the signed image, so the bytes at each listed offset are the chunks the
+        publisher named. ``verify`` hashes each one anyway (a file proven long ago) and
+        raises ChunkCorruptError, storing nothing, at the first that differs."""
         with self.writer() as writer, open(path, "rb") as f:
             offset = 0
             for entry in manifest.chunks:
                 if entry.hash is not None and not self.has_chunk(entry.hash, entry.length):
-                    writer.add(entry.hash, os.pread(f.fileno(), entry.length, offset))
+                    data = os.pread(f.fileno(), entry.length, offset)
+                    if verify and pieces_root(data).hex() != entry.hash:  # the writer aborts
+                        raise ChunkCorruptError(
+                            f"{path} does not hold chunk {entry.hash} at offset {offset}"
+                        )
+                    writer.add(entry.hash, data)
                 offset += entry.length
             return writer.written
 

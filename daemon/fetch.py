@@ -100,6 +100,7 @@ class FetchManager:
         """Seed every image the store already holds (after a restart)."""
         for image_id in self.store.image_ids():
             manifest = self.store.load_manifest(image_id, self.config.trusted_keys)
+            await self._cut_held(manifest)
             dl = await self.swarm.add(
                 self.store.load_torrent(image_id), self.store.root, trackers=[self._announce()]
             )
@@ -115,6 +116,19 @@ class FetchManager:
                 in_store=not self.store.missing(manifest),
                 finished=time.time(),
             )
+
+    async def _cut_held(self, manifest: mf.Manifest) -> None:
+        """A held whole image whose cut into the store a crash interrupted: cut it now, from
+        the local file (checking every chunk: the file was proven before the crash, not
+        since), rather than fetch its chunks again from peers."""
+        path = self.store.image_path(manifest.image_id)
+        if not path.is_file() or not self.store.missing(manifest):
+            return
+        try:
+            stored = await asyncio.to_thread(self.store.take_chunks, manifest, path, verify=True)
+            log.info("%s: cut into the store on start (%d chunks)", manifest.image_id, stored)
+        except (ImageSwarmError, OSError) as exc:  # its chunk torrent fetches what is missing
+            log.warning("cutting %s into the store failed: %s", manifest.image_id, exc)
 
     async def _seed_image(self, image_id: str) -> None:
         """Seed a held image's image torrent from its verified file."""

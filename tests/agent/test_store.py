@@ -165,7 +165,15 @@ def test_a_downloaded_image_is_completed_then_cut_into_only_missing_chunks(
     placed = node.place_image("img1", download)
     assert placed == node.image_path("img1") and not download.exists()
     assert node.missing(manifest) == {chunk_name(a): len(a), chunk_name(c): len(c)}
-    assert node.take_chunks(manifest, placed) == 2
+    spoiled = bytearray(placed.read_bytes())
+    spoiled[len(a) + (1 << 20) + 3] ^= 1  # inside chunk b, which the store already holds
+    spoiled[len(a) + (1 << 20) + len(b) + 7] ^= 1  # inside chunk c, which it lacks
+    bad = node.partial_dir / "spoiled.img"
+    bad.write_bytes(bytes(spoiled))
+    with pytest.raises(ChunkCorruptError, match=chunk_name(c)):
+        node.take_chunks(manifest, bad, verify=True)
+    assert node.missing(manifest) == {chunk_name(a): len(a), chunk_name(c): len(c)}  # nothing
+    assert node.take_chunks(manifest, placed, verify=True) == 2
     assert node.missing(manifest) == {}
     assert node.read_chunk(chunk_name(c), len(c)) == c
     assert node.take_chunks(manifest, placed) == 0

@@ -441,6 +441,30 @@ async def test_corrupt_chunk_on_node_disk_is_refetched_and_restart_keeps_images(
     )
 
 
+async def test_a_whole_image_held_but_not_cut_before_a_restart_is_cut_on_start(
+    tmp_path: Path,
+    controller: TestServer,
+    aiohttp_client: ClientFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    ext4_pair: tuple[Path, Path, Path],
+) -> None:
+    """A crash between a whole-image fetch's "done" and its cut into the store leaves the
+    image held but its chunks missing: on start the node cuts them from the local file
+    (checking each) instead of fetching them again."""
+    node, m1, _, _ = await _node_holding_v1(
+        tmp_path, controller, aiohttp_client, node_factory, ext4_pair
+    )
+    await node.close()
+    chunks = tmp_path / "node-127.0.0.65" / "store" / "chunks"
+    held = {c["hash"]: c["length"] for c in m1["chunks"] if c["hash"]}
+    for name in held:
+        (chunks / name[:2] / name).unlink()
+    again = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
+    state = await (await again.get(f"/api/v1/images/{m1['image_id']}")).json()
+    assert (state["state"], state["in_store"]) == ("done", True), state
+    assert sorted(p.name for p in chunks.glob("*/*")) == sorted(held)
+
+
 async def test_a_node_holding_some_chunks_fetches_the_whole_image_without_their_bytes(
     tmp_path: Path,
     controller: TestServer,
