@@ -60,11 +60,12 @@ class Piece:
 def segments(size: int, extents: Sequence[Span] | None) -> list[tuple[int, int, bool]]:
     """Split [0, size) at every extent edge into (start, end, is_file_data) segments.
 
-    Runs of adjacent files shorter than MIN_CHUNK are merged into one segment (so a tree of
-    tiny files does not become a torrent of tiny pieces), but a file of MIN_CHUNK or more is
-    never merged with them: it is cut by its own content wherever it lies, and a rewritten small
-    file beside it changes only its own run's chunks (a Debian minbase with one package
-    installed: 1.65x -> 1.46x the ideal delta, for 0-6% more chunks; docs/benchmarks.md).
+    Runs of adjacent file-data extents shorter than MIN_CHUNK (small files, or small pieces of
+    a fragmented file) are merged into one segment (so a tree of tiny files does not become a
+    torrent of tiny pieces), but an extent of MIN_CHUNK or more is never merged with them: it
+    is cut by its own content wherever it lies, and a rewritten small file beside it changes
+    only its own run's chunks (a Debian minbase with one package installed: 1.65x -> 1.46x
+    the ideal delta, for 0-6% more chunks; docs/benchmarks.md).
     Metadata is never merged into file data: it changes on every build (timestamps, checksums
     seeded by the filesystem UUID), and a metadata block glued to a file would make that
     file's chunk change with it.

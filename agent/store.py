@@ -308,18 +308,12 @@ class Store:
         return written
 
     def complete_image(self, manifest: mf.Manifest, path: Path) -> None:
-        """Make a downloaded image file whole and durable: a file shorter than the image is
-        extended with zeros (a download never writes trailing all-zero pieces, and an image of
-        nothing but zeros downloads no piece at all); a longer one is refused. Its content must
-        be proven by the caller (the fetch checks every piece against the signed image
-        torrent, daemon/swarm/piececheck.py)."""
+        """Make a downloaded image file exactly the image's size and durable: a download never
+        writes trailing pieces that are all zeros, so the file may be short (it is extended
+        with zeros); anything past the image's end is not part of it and is cut off. Its
+        content must be proven by the caller (the fetch checks every piece against the signed
+        image torrent, daemon/swarm/piececheck.py)."""
         with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "rb+") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > manifest.size:
-                raise ChunkCorruptError(
-                    f"downloaded image {manifest.image_id} has {size} bytes, more than the "
-                    f"{manifest.size} its manifest says"
-                )
             f.truncate(manifest.size)
             os.fsync(f.fileno())
 

@@ -25,6 +25,7 @@ than one copy per swarm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from imageswarm.agent import manifest as mf
-from imageswarm.agent.errors import ChunkCorruptError, ImageSwarmError, ManifestError
+from imageswarm.agent.errors import ChunkCorruptError, ImageSwarmError, ManifestError, StoreError
 from imageswarm.agent.store import Store
 from imageswarm.daemon.client import ApiClient
 from imageswarm.daemon.config import Config
@@ -100,7 +101,8 @@ class FetchManager:
         """Seed every image the store already holds (after a restart)."""
         for image_id in self.store.image_ids():
             manifest = self.store.load_manifest(image_id, self.config.trusted_keys)
-            await self._cut_held(manifest)
+            if not await self._cut_held(manifest):
+                continue
             dl = await self.swarm.add(
                 self.store.load_torrent(image_id), self.store.root, trackers=[self._announce()]
             )
@@ -117,18 +119,27 @@ class FetchManager:
                 finished=time.time(),
             )
 
-    async def _cut_held(self, manifest: mf.Manifest) -> None:
+    async def _cut_held(self, manifest: mf.Manifest) -> bool:
         """A held whole image whose cut into the store a crash interrupted: cut it now, from
         the local file (checking every chunk: the file was proven before the crash, not
-        since), rather than fetch its chunks again from peers."""
+        since), rather than fetch its chunks again from peers. False when the file turns out
+        not to be the image: it is then neither seeded nor listed (and removed unless pinned;
+        the agent refuses a pinned one at its SHA-256 check), so a new fetch starts over."""
         path = self.store.image_path(manifest.image_id)
         if not path.is_file() or not self.store.missing(manifest):
-            return
+            return True
         try:
             stored = await asyncio.to_thread(self.store.take_chunks, manifest, path, verify=True)
-            log.info("%s: cut into the store on start (%d chunks)", manifest.image_id, stored)
+        except ChunkCorruptError as exc:
+            log.error("%s is not the image it should be: %s", path, exc)
+            with contextlib.suppress(StoreError):
+                self.store.remove_image(manifest.image_id)
+            return False
         except (ImageSwarmError, OSError) as exc:  # its chunk torrent fetches what is missing
             log.warning("cutting %s into the store failed: %s", manifest.image_id, exc)
+            return True
+        log.info("%s: cut into the store on start (%d chunks)", manifest.image_id, stored)
+        return True
 
     async def _seed_image(self, image_id: str) -> None:
         """Seed a held image's image torrent from its verified file."""
@@ -214,7 +225,12 @@ class FetchManager:
         manifest = mf.verify(raw, self.config.trusted_keys)
         if manifest.image_id != st.image_id:
             raise ManifestError(f"controller sent the manifest of {manifest.image_id}")
-        torrent = chunk_torrent(manifest.unique_chunks(), manifest.name)
+        try:  # a large image has 100k chunks: not on the event loop
+            torrent = await asyncio.to_thread(
+                chunk_torrent, manifest.unique_chunks(), manifest.name
+            )
+        except ValueError as exc:
+            raise ManifestError(f"the manifest does not describe a chunk torrent: {exc}") from None
         if info_hash_v2(torrent) != manifest.info_hash:
             raise ManifestError(
                 "the chunk torrent built from the manifest does not have the info-hash it signs"
@@ -335,15 +351,14 @@ class FetchManager:
         flush of its cache are on disk after it."""
         while True:
             await asyncio.sleep(_PROVE_EVERY)
-            had = dl.pieces_had()
-            ready = [index for index in checker.unchecked() if had[index]]
-            if not ready:
-                continue
             try:
-                await dl.flush()
-                await asyncio.to_thread(checker.check, ready)
+                had = dl.pieces_had()
+                ready = [index for index in checker.unchecked() if had[index]]
+                if ready:
+                    await dl.flush()
+                    await asyncio.to_thread(checker.check, ready)
             except (ImageSwarmError, OSError) as exc:  # the last check at the end decides
-                log.debug("%s: checking pieces while downloading: %s", dl.info_hash, exc)
+                log.info("%s: checking pieces while downloading: %s", dl.info_hash, exc)
 
     def _prove_image(self, manifest: mf.Manifest, checker: PieceChecker) -> None:
         """Prove the rest of a downloaded image (blocking): every piece must match the signed

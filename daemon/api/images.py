@@ -93,15 +93,29 @@ async def delete_image(request: web.Request) -> web.Response:
 async def get_manifest(request: web.Request) -> web.Response:
     image_id = valid_image_id(request.match_info["image_id"])
     manifest = request.app[CATALOG].manifest(image_id)
-    if "gzip" not in request.headers.get(hdrs.ACCEPT_ENCODING, "").lower():
-        return web.Response(body=manifest.raw, content_type="application/json")
+    vary = {hdrs.VARY: hdrs.ACCEPT_ENCODING}
+    if not _accepts_gzip(request.headers.get(hdrs.ACCEPT_ENCODING, "")):
+        return web.Response(body=manifest.raw, content_type="application/json", headers=vary)
     # Every node of a rollout asks for it at once, over the controller's link: gzip halves it
     # (hex hashes), which shortens the start of a fetch.
     return web.Response(
         body=_gzipped(manifest.raw),
         content_type="application/json",
-        headers={hdrs.CONTENT_ENCODING: "gzip", hdrs.VARY: hdrs.ACCEPT_ENCODING},
+        headers={hdrs.CONTENT_ENCODING: "gzip", **vary},
     )
+
+
+def _accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (``gzip;q=0`` does not)."""
+    for item in header.split(","):
+        name, _, params = item.strip().partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            q = params.strip().lower()
+            try:
+                return not q.startswith("q=") or float(q[2:]) > 0
+            except ValueError:
+                return False
+    return False
 
 
 @functools.lru_cache(maxsize=16)

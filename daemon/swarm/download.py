@@ -326,12 +326,13 @@ class Download:
                 self._finished.set()
                 self._refresh_peer_bytes()  # before more peers leave
             case CacheFlushed():
-                # Flushes complete in the order they were asked for.
-                while self._flushes:
+                # One alert per flush_cache call, in the order they were asked for: each alert
+                # is the oldest waiter's, even if that waiter was cancelled meanwhile (handing
+                # it to the next one would wake that one before its own flush is done).
+                if self._flushes:
                     waiter = self._flushes.pop(0)
                     if not waiter.done():
                         waiter.set_result(None)
-                        break
             case TorrentRemoved() if self._readded is not None:
                 self._readded.set_result(None)
             case TorrentRemoved():

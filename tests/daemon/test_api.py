@@ -375,6 +375,17 @@ async def test_controller_gzips_the_manifest_for_clients_that_accept_it(
     assert packed.headers["Content-Encoding"] == "gzip"
     body = await packed.read()
     assert gzip.decompress(body) == raw and len(body) < len(raw) / 2
+    for header, packs in [
+        ("gzip;q=0", False),
+        ("deflate, gzip;q=0.5", True),
+        ("*", True),
+        ("GZIP", True),
+        ("br", False),
+        ("gzip;q=zero", False),
+    ]:
+        resp = await ctl.get(url, headers={"Accept-Encoding": header}, auto_decompress=False)
+        assert ("Content-Encoding" in resp.headers) == packs, header
+        assert resp.headers["Vary"] == "Accept-Encoding"
 
 
 async def _node_holding_v1(

@@ -9,11 +9,13 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from imageswarm.agent.chunkhash import pieces_root
 from imageswarm.agent.errors import ImageSwarmError, InvalidInputError
+from imageswarm.daemon.swarm.events import CacheFlushed
 from imageswarm.daemon.swarm.session import (
     Download,
     HashFailed,
@@ -263,3 +265,35 @@ async def test_settings_are_checked_before_a_session_exists() -> None:
         Swarm(SwarmSettings(SEEDER, 0, LOOPBACK, extra={"no_such_setting": 1}))
     with pytest.raises(InvalidInputError, match="unchoke_slots_limit"):
         Swarm(SwarmSettings(SEEDER, 0, LOOPBACK, extra={"unchoke_slots_limit": "many"}))
+
+
+class _FlushOnlyHandle:
+    """Stands in for libtorrent's handle in a test of Download's own bookkeeping."""
+
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def flush_cache(self) -> None:
+        self.flushes += 1
+
+
+async def test_each_cache_flushed_alert_belongs_to_the_oldest_flush_even_if_cancelled() -> None:
+    """libtorrent posts one alert per flush_cache call, in order. A flush whose waiter was
+    cancelled still owns the next alert: handing it to a later flush would wake that one
+    before its own flush is done (and a piece check would read unwritten blocks)."""
+    info_hash = "ab" * 32
+    download = Download(cast(Any, None), info_hash, Path("/nonexistent"), [], [])
+    handle = _FlushOnlyHandle()
+    download._handle = cast(Any, handle)
+    first = asyncio.ensure_future(download.flush())
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    second = asyncio.ensure_future(download.flush())
+    await asyncio.sleep(0)
+    assert handle.flushes == 2
+    download._on_event(CacheFlushed(info_hash))  # the cancelled flush's alert
+    await asyncio.sleep(0)
+    assert not second.done()
+    download._on_event(CacheFlushed(info_hash))  # its own
+    await asyncio.wait_for(second, 1)
