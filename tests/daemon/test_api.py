@@ -148,6 +148,15 @@ async def node_factory(
     yield make
 
 
+async def _publish(ctl: TestClient[Any, Any], image: Path, name: str) -> dict[str, Any]:
+    """Publish `image` on the controller under `name`; its manifest."""
+    data = io.BytesIO(await asyncio.to_thread(image.read_bytes))
+    resp = await ctl.post(f"/api/v1/images?name={name}", data=data, headers=_auth())
+    assert resp.status == 201, await resp.text()
+    manifest: dict[str, Any] = (await resp.json())["manifest"]
+    return manifest
+
+
 def _controller_key(tmp_path: Path) -> str:
     return str(keys.load(tmp_path / "controller-127.0.0.60" / "signing.key").public)
 
@@ -170,13 +179,7 @@ async def test_node_fetches_verifies_and_answers_idempotently(
 ) -> None:
     ctl = await aiohttp_client(controller)
     v1, _, _ = ext4_pair
-    manifest = (
-        await (
-            await ctl.post(
-                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
-            )
-        ).json()
-    )["manifest"]
+    manifest = await _publish(ctl, v1, "v1")
     node = await node_factory("127.0.0.61", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
     await _problem(await node.post(f"/api/v1/images/{manifest['image_id']}/fetch"), 401)
     first = await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
@@ -212,13 +215,7 @@ async def test_a_whole_image_piece_spoiled_on_disk_is_found_and_fetched_again(
     piece again, and the image ends exactly the published one."""
     ctl = await aiohttp_client(controller)
     v1, _, _ = ext4_pair
-    manifest = (
-        await (
-            await ctl.post(
-                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
-            )
-        ).json()
-    )["manifest"]
+    manifest = await _publish(ctl, v1, "v1")
     monkeypatch.setattr(fetchmod, "_PROVE_EVERY", 3600.0)  # nothing proven before the end
     spoiled: list[Path] = []
     flush = Download.flush
@@ -250,13 +247,7 @@ async def test_node_refuses_unknown_images_and_untrusted_keys(
 ) -> None:
     ctl = await aiohttp_client(controller)
     v1, _, _ = ext4_pair
-    manifest = (
-        await (
-            await ctl.post(
-                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
-            )
-        ).json()
-    )["manifest"]
+    manifest = await _publish(ctl, v1, "v1")
     stranger = keys.generate(tmp_path / "stranger.key")
     node = await node_factory("127.0.0.62", [str(stranger.public)], "http://127.0.0.60:7700")
     store = tmp_path / "node-127.0.0.62" / "store"
@@ -270,6 +261,40 @@ async def test_node_refuses_unknown_images_and_untrusted_keys(
     assert _snapshot(store) == before
 
 
+async def _fetch_from_forger(
+    tmp_path: Path,
+    ctl: TestClient[Any, Any],
+    aiohttp_server: ServerFactory,
+    node_factory: Callable[..., Awaitable[TestClient[Any, Any]]],
+    image_id: str,
+    manifest: bytes,
+    kinds: str,
+) -> dict[str, Any]:
+    """A controller at 127.0.0.63 that serves `manifest` and, untouched, the real controller's
+    torrents of the `kinds` (a route pattern); a node at 127.0.0.64 that trusts the real
+    controller's key fetches `image_id` from it. Returns the fetch's final state, once it is
+    checked that the node's store is as it was."""
+
+    async def manifest_handler(request: web.Request) -> web.Response:
+        return web.Response(body=manifest, content_type="application/json")
+
+    async def torrent_handler(request: web.Request) -> web.Response:
+        resp = await ctl.get(f"/api/v1/images/{image_id}/{request.match_info['kind']}")
+        return web.Response(body=await resp.read())
+
+    forger = web.Application()
+    forger.router.add_get("/api/v1/images/{id}/manifest", manifest_handler)
+    forger.router.add_get(f"/api/v1/images/{{id}}/{{kind:{kinds}}}", torrent_handler)
+    await aiohttp_server(forger, host="127.0.0.63", port=7700)
+    node = await node_factory("127.0.0.64", [_controller_key(tmp_path)], "http://127.0.0.63:7700")
+    store = tmp_path / "node-127.0.0.64" / "store"
+    before = _snapshot(store)
+    await node.post(f"/api/v1/images/{image_id}/fetch", headers=_auth())
+    state = await _wait(node, image_id)
+    assert _snapshot(store) == before
+    return state
+
+
 async def test_node_refuses_a_tampered_manifest(
     tmp_path: Path,
     controller: TestServer,
@@ -281,37 +306,16 @@ async def test_node_refuses_a_tampered_manifest(
     """A man in the middle changes one chunk's hash in the manifest: the signature fails."""
     ctl = await aiohttp_client(controller)
     v1, _, _ = ext4_pair
-    manifest = (
-        await (
-            await ctl.post(
-                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
-            )
-        ).json()
-    )["manifest"]
+    manifest = await _publish(ctl, v1, "v1")
     tampered = dict(manifest)
     tampered["chunks"] = [dict(c) for c in manifest["chunks"]]
     first = next(c for c in tampered["chunks"] if c["hash"])
     first["hash"] = "f" * 64
-
-    async def manifest_handler(request: web.Request) -> web.Response:
-        return web.json_response(tampered)
-
-    async def torrent_handler(request: web.Request) -> web.Response:  # both torrents, untouched
-        kind = request.match_info["kind"]
-        resp = await ctl.get(f"/api/v1/images/{manifest['image_id']}/{kind}")
-        return web.Response(body=await resp.read())
-
-    evil = web.Application()
-    evil.router.add_get("/api/v1/images/{id}/manifest", manifest_handler)
-    evil.router.add_get("/api/v1/images/{id}/{kind:torrent|image-torrent}", torrent_handler)
-    await aiohttp_server(evil, host="127.0.0.63", port=7700)
-    node = await node_factory("127.0.0.64", [_controller_key(tmp_path)], "http://127.0.0.63:7700")
-    store = tmp_path / "node-127.0.0.64" / "store"
-    before = _snapshot(store)
-    await node.post(f"/api/v1/images/{manifest['image_id']}/fetch", headers=_auth())
-    state = await _wait(node, manifest["image_id"])
+    state = await _fetch_from_forger(
+        tmp_path, ctl, aiohttp_server, node_factory, manifest["image_id"],
+        json.dumps(tampered).encode(), "torrent|image-torrent",
+    )  # fmt: skip
     assert state["state"] == "failed" and "altered" in state["error"], state
-    assert _snapshot(store) == before
 
 
 async def test_node_refuses_a_signed_manifest_whose_chunk_torrent_differs(
@@ -327,35 +331,16 @@ async def test_node_refuses_a_signed_manifest_whose_chunk_torrent_differs(
     info-hash is not that of its own chunks (a broken publisher) is refused."""
     ctl = await aiohttp_client(controller)
     v1, _, _ = ext4_pair
-    data = (
-        await (
-            await ctl.post(
-                "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
-            )
-        ).json()
-    )["manifest"]
+    data = await _publish(ctl, v1, "v1")
     key = keys.load(tmp_path / "controller-127.0.0.60" / "signing.key")
     good = mf.parse(mf.dumps(data))
     bad = dataclasses.replace(good, info_hash="0" * 64).signed(key)
-
-    async def manifest_handler(request: web.Request) -> web.Response:
-        return web.Response(body=bad.raw, content_type="application/json")
-
-    async def image_torrent_handler(request: web.Request) -> web.Response:
-        resp = await ctl.get(f"/api/v1/images/{good.image_id}/image-torrent")
-        return web.Response(body=await resp.read())
-
-    evil = web.Application()
-    evil.router.add_get("/api/v1/images/{id}/manifest", manifest_handler)
-    evil.router.add_get("/api/v1/images/{id}/image-torrent", image_torrent_handler)
-    await aiohttp_server(evil, host="127.0.0.63", port=7700)
-    node = await node_factory("127.0.0.64", [_controller_key(tmp_path)], "http://127.0.0.63:7700")
-    store = tmp_path / "node-127.0.0.64" / "store"
-    before = _snapshot(store)
-    await node.post(f"/api/v1/images/{good.image_id}/fetch", headers=_auth())
-    state = await _wait(node, good.image_id)
+    # Only the image torrent is on offer: a node that asked for the chunk torrent would fail
+    # with "no image", not over the info-hash.
+    state = await _fetch_from_forger(
+        tmp_path, ctl, aiohttp_server, node_factory, good.image_id, bad.raw, "image-torrent"
+    )
     assert state["state"] == "failed" and "info-hash" in state["error"], state
-    assert _snapshot(store) == before
 
 
 async def test_controller_gzips_the_manifest_for_clients_that_accept_it(
@@ -363,10 +348,7 @@ async def test_controller_gzips_the_manifest_for_clients_that_accept_it(
 ) -> None:
     ctl = await aiohttp_client(controller)
     v1, _, _ = ext4_pair
-    resp = await ctl.post(
-        "/api/v1/images?name=v1", data=io.BytesIO(v1.read_bytes()), headers=_auth()
-    )
-    image_id = (await resp.json())["manifest"]["image_id"]
+    image_id = (await _publish(ctl, v1, "v1"))["image_id"]
     url = f"/api/v1/images/{image_id}/manifest"
     plain = await ctl.get(url, headers={"Accept-Encoding": "identity"})
     assert "Content-Encoding" not in plain.headers
@@ -399,13 +381,7 @@ async def _node_holding_v1(
     Returns the node, both manifests and the node's final state of its v1 fetch."""
     ctl = await aiohttp_client(controller)
     v1, v2, _ = ext4_pair
-    manifests = []
-    for version, image in (("v1", v1), ("v2", v2)):
-        resp = await ctl.post(
-            f"/api/v1/images?name={version}", data=io.BytesIO(image.read_bytes()), headers=_auth()
-        )
-        manifests.append((await resp.json())["manifest"])
-    m1, m2 = manifests
+    m1, m2 = await _publish(ctl, v1, "v1"), await _publish(ctl, v2, "v2")
     node = await node_factory("127.0.0.65", [_controller_key(tmp_path)], "http://127.0.0.60:7700")
     await node.post(f"/api/v1/images/{m1['image_id']}/fetch", headers=_auth())
     first = await _wait(node, m1["image_id"])
