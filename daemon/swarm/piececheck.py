@@ -21,11 +21,9 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from imageswarm.agent.chunkhash import BLOCK, block_hashes, merkle_root
+from imageswarm.agent.chunkhash import block_hashes
 
-from .torrent import PIECE_LENGTH, image_piece_hashes
-
-_BLOCKS_PER_PIECE = PIECE_LENGTH // BLOCK
+from .torrent import PIECE_LENGTH, image_piece_hash, image_piece_hashes
 
 
 class PieceChecker:
@@ -74,7 +72,4 @@ class PieceChecker:
         return self._hash_blocks(data)
 
     def _hash_blocks(self, data: bytes) -> bytes:
-        leaves = block_hashes(data)
-        if self._single:
-            return merkle_root(leaves)
-        return merkle_root(leaves + [bytes(32)] * (_BLOCKS_PER_PIECE - len(leaves)))
+        return image_piece_hash(block_hashes(data), single=self._single)

@@ -215,13 +215,12 @@ def build_image_torrent(image_id: str, size: int, leaves: Sequence[bytes]) -> by
         raise ValueError(f"{len(leaves)} leaf hashes do not cover an image of {size} bytes")
     layers: dict[bytes, bytes] = {}
     if size <= PIECE_LENGTH:
-        root = merkle_root(list(leaves))
+        root = image_piece_hash(leaves, single=True)
     else:
-        zero = bytes(32)
-        pieces = []
-        for i in range(0, len(leaves), _BLOCKS_PER_PIECE):
-            piece = list(leaves[i : i + _BLOCKS_PER_PIECE])
-            pieces.append(merkle_root(piece + [zero] * (_BLOCKS_PER_PIECE - len(piece))))
+        pieces = [
+            image_piece_hash(leaves[i : i + _BLOCKS_PER_PIECE], single=False)
+            for i in range(0, len(leaves), _BLOCKS_PER_PIECE)
+        ]
         root = merkle_root(pieces, pad_root(_BLOCKS_PER_PIECE))
         layers[root] = b"".join(pieces)
     name = image_file_name(image_id).encode()
@@ -235,6 +234,15 @@ def build_image_torrent(image_id: str, size: int, leaves: Sequence[bytes]) -> by
     torrent: dict[bytes, Any] = {b"info": info, b"piece layers": layers}
     encoded: bytes = lt.bencode(torrent)
     return encoded
+
+
+def image_piece_hash(leaves: Sequence[bytes], *, single: bool) -> bytes:
+    """The image torrent's hash of one piece, from its 16 KiB blocks' hashes: its entry in the
+    piece layer (the blocks padded to a whole piece with zero hashes), or, for a file of one
+    piece (``single``), the file's pieces root."""
+    if single:
+        return merkle_root(list(leaves))
+    return merkle_root([*leaves, *[bytes(32)] * (_BLOCKS_PER_PIECE - len(leaves))])
 
 
 def check_image_torrent(torrent: bytes, image_id: str, size: int, info_hash: str) -> None:
